@@ -1,0 +1,191 @@
+"""The LightningDataModule for a folder of photos (`data=animals`) and for the built-in demo set."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from animal_lightning.data.folders import DatasetIndex, Sample, index_dataset
+from animal_lightning.data.images import load_rgb
+from animal_lightning.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
+from animal_lightning.data.transforms import PreprocessSpec, eval_transform, train_transform
+from animal_lightning.errors import DataError
+
+log = logging.getLogger(__name__)
+
+BALANCE_MODES = ("none", "sampler", "loss_weights")
+
+
+class ImageSamples(Dataset):
+    """(path, label) pairs decoded to tensors; a file that breaks after the set-up check is replaced.
+
+    The set-up check has already left out unreadable files. A file that is deleted or damaged during
+    training must still not kill an hour of work, so the next readable sample stands in and the path
+    is logged once (per worker process).
+    """
+
+    def __init__(self, samples: list[Sample], transform):
+        self.samples = samples
+        self.transform = transform
+        self._reported: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        for attempt in range(min(len(self.samples), 10)):
+            path, label = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                return self.transform(load_rgb(path)), label
+            except Exception as error:  # any decoder failure: report, then use a neighbour
+                if path not in self._reported:
+                    self._reported.add(path)
+                    log.warning("unreadable image %s replaced by another sample (%s)", path, error)
+        raise DataError(f"10 consecutive unreadable images from {self.samples[index][0]}: "
+                        "check the dataset folder (was it moved or deleted?)")
+
+
+def default_num_workers() -> int:
+    """One core stays with the training process; on 2 cores that leaves one loader worker."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+class AnimalDataModule(LightningDataModule):
+    """Photos in root/train/<class>/ (and optional val/, test/), scanned and checked once.
+
+    The class names are known as soon as `class_names` is read (before a model exists), so the
+    model can be built for them; the transforms come later from the model's preprocessing spec
+    through `use_preprocess`.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int | str = "auto",
+        val_fraction: float = 0.15,
+        split_seed: int = 42,
+        balance: str = "none",
+        on_bad_image: str = "skip",
+        check_images: bool = True,
+        test_labels: str | None = None,
+        resize_mode: str = "crop",
+        augment: dict | None = None,
+        pin_memory: bool | str = "auto",
+    ):
+        super().__init__()
+        if balance not in BALANCE_MODES:
+            raise DataError(f"data.balance={balance!r} is not one of: {', '.join(BALANCE_MODES)}")
+        if resize_mode not in ("crop", "squash"):
+            raise DataError(f"data.resize_mode={resize_mode!r} is not one of: crop, squash")
+        if int(batch_size) < 1:
+            raise DataError(f"data.batch_size={batch_size} must be at least 1")
+        self.root = Path(root).expanduser()
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = default_num_workers() if num_workers == "auto" else int(num_workers)
+        self.val_fraction = float(val_fraction)
+        self.split_seed = int(split_seed)
+        self.balance = balance
+        self.on_bad_image = on_bad_image
+        self.check_images = bool(check_images)
+        self.test_labels = test_labels
+        self.resize_mode = resize_mode
+        self.augment = dict(augment or {})
+        self.pin_memory = torch.cuda.is_available() if pin_memory == "auto" else bool(pin_memory)
+        self.preprocess: PreprocessSpec | None = None
+        self._index: DatasetIndex | None = None
+
+    # -- what the rest of the project asks of the data -------------------------------------------------
+    def prepare_dataset(self) -> None:
+        """Make sure the folder exists on disk (the demo set generates itself here)."""
+
+    @property
+    def index(self) -> DatasetIndex:
+        if self._index is None:
+            self.prepare_dataset()
+            self._index = index_dataset(self.root, val_fraction=self.val_fraction, seed=self.split_seed,
+                                        on_bad_image=self.on_bad_image, test_labels=self.test_labels,
+                                        check_images=self.check_images)
+            idx = self._index
+            log.info("dataset %s: %d classes, %d train / %d val (%s) / %d test (%s), %d unusable files left out",
+                     idx.root, len(idx.class_names), len(idx.train), len(idx.val), idx.val_source,
+                     len(idx.test), idx.test_source, len(idx.bad_images))
+        return self._index
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.index.class_names)
+
+    def loss_weights(self) -> list[float] | None:
+        """Inverse-frequency class weights (mean 1) when data.balance=loss_weights, else None."""
+        if self.balance != "loss_weights":
+            return None
+        counts = self.index.class_counts(self.index.train)
+        inverse = [1.0 / c for c in counts]
+        scale = len(inverse) / sum(inverse)
+        return [w * scale for w in inverse]
+
+    def use_preprocess(self, spec: PreprocessSpec) -> None:
+        self.preprocess = spec
+
+    # -- Lightning hooks --------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        self.prepare_dataset()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.preprocess is None:
+            raise RuntimeError("AnimalDataModule.use_preprocess(spec) must be called before setup: "
+                               "the transforms follow the backbone's preprocessing spec")
+        index = self.index
+        evaluation = eval_transform(self.preprocess, self.resize_mode)
+        self.train_set = ImageSamples(index.train, train_transform(self.preprocess, resize_mode=self.resize_mode,
+                                                                   **self.augment))
+        self.val_set = ImageSamples(index.val, evaluation)
+        self.test_set = ImageSamples(index.test, evaluation)
+
+    def _loader(self, dataset: ImageSamples, batch_size: int, **kwargs) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=self.pin_memory,
+                          persistent_workers=workers > 0, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.balance == "sampler":
+            counts = self.index.class_counts(self.index.train)
+            weights = torch.tensor([1.0 / counts[label] for _, label in self.index.train], dtype=torch.double)
+            generator = torch.Generator().manual_seed(self.split_seed)
+            sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True, generator=generator)
+            return self._loader(self.train_set, self.batch_size, sampler=sampler, drop_last=False)
+        return self._loader(self.train_set, self.batch_size, shuffle=True, drop_last=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, self.eval_batch_size)
+
+
+class SyntheticAnimalDataModule(AnimalDataModule):
+    """The built-in demo set: procedural animals generated once under `root`/<spec key>/ and reused."""
+
+    def __init__(self, root: str | os.PathLike = "data/synthetic", num_classes: int = 10,
+                 train_per_class: int = 100, test_per_class: int = 20, image_size: int = 64,
+                 unseen_classes: int = 0, seed: int = 0, **kwargs):
+        self.spec = SyntheticSpec(num_classes=int(num_classes), train_per_class=int(train_per_class),
+                                  test_per_class=int(test_per_class), image_size=int(image_size),
+                                  unseen_classes=int(unseen_classes), seed=int(seed))
+        self.parent = Path(root).expanduser()
+        kwargs.setdefault("test_labels", "test_labels.csv")
+        super().__init__(root=self.parent / self.spec.key(), **kwargs)
+
+    def prepare_dataset(self) -> None:
+        try:
+            self.root = ensure_synthetic_dataset(self.parent, self.spec)
+        except ValueError as error:
+            raise DataError(f"data=synthetic: {error}") from error

@@ -1,0 +1,70 @@
+"""Image transforms built from the backbone's preprocessing spec, so nobody repeats 224 or ImageNet's mean."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How a backbone wants its input: what the transforms read and what a checkpoint carries."""
+
+    input_size: int  # side of the square crop the network sees
+    resize_size: int  # eval: shorter side resized to this, then centre-cropped to input_size
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def scaled_to(self, input_size: int) -> PreprocessSpec:
+        """The same recipe at another input size, keeping the crop ratio (e.g. 224/256)."""
+        ratio = self.resize_size / self.input_size
+        return PreprocessSpec(input_size, round(input_size * ratio), self.mean, self.std, self.interpolation)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> PreprocessSpec:
+        return cls(int(values["input_size"]), int(values["resize_size"]), tuple(values["mean"]),
+                   tuple(values["std"]), str(values.get("interpolation", "bilinear")))
+
+
+def _tail(spec: PreprocessSpec) -> list:
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(spec.mean), list(spec.std))]
+
+
+def eval_transform(spec: PreprocessSpec, resize_mode: str = "crop") -> v2.Compose:
+    """crop: shorter side to resize_size, centre crop (torchvision's eval recipe);
+    squash: straight to input_size x input_size, aspect ratio lost (the report's recipe)."""
+    interpolation = InterpolationMode(spec.interpolation)
+    if resize_mode == "crop":
+        head = [v2.Resize(spec.resize_size, interpolation=interpolation, antialias=True),
+                v2.CenterCrop(spec.input_size)]
+    elif resize_mode == "squash":
+        head = [v2.Resize((spec.input_size, spec.input_size), interpolation=interpolation, antialias=True)]
+    else:
+        raise ValueError(f"data.resize_mode={resize_mode!r} is not one of: crop, squash")
+    return v2.Compose(head + _tail(spec))
+
+
+def train_transform(spec: PreprocessSpec, *, augment: bool = True, crop_scale: Sequence[float] = (0.08, 1.0),
+                    hflip: bool = True, trivial_augment: bool = True, resize_mode: str = "crop") -> v2.Compose:
+    """RandomResizedCrop + flip + TrivialAugmentWide; with augment=False, exactly the eval transform."""
+    if not augment:
+        return eval_transform(spec, resize_mode)
+    interpolation = InterpolationMode(spec.interpolation)
+    steps: list = [v2.RandomResizedCrop(spec.input_size, scale=tuple(crop_scale), interpolation=interpolation,
+                                        antialias=True)]
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    if trivial_augment:
+        steps.append(v2.TrivialAugmentWide(interpolation=interpolation))
+    return v2.Compose(steps + _tail(spec))

@@ -1,0 +1,21 @@
+"""What the machine can do fast: the precision that the Trainer config's `precision: auto` becomes."""
+
+from __future__ import annotations
+
+import torch
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU computes bf16 natively (AMX or AVX512-BF16); elsewhere bf16 autocast is slower."""
+    checks = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
+    return any(check() for check in checks if check is not None)
+
+
+def auto_precision(accelerator: str) -> str:
+    """bf16-mixed where the hardware supports bf16 (recent GPUs, AMX CPUs), else full fp32."""
+    use_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if use_gpu:
+        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
+    if accelerator in ("cpu", "auto"):
+        return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
+    return "32-true"  # mps and others: fp32 is the safe default

@@ -1,0 +1,200 @@
+"""The LightningModule: a backbone from the factory, cross-entropy, torchmetrics, optimizer and schedule.
+
+Its hyperparameters are plain data (class names, backbone name, sizes), so a checkpoint can be
+loaded with torch.load(weights_only=True) and still rebuild the model and its preprocessing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import nn
+from torchmetrics import MaxMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from animal_lightning.data.transforms import PreprocessSpec
+from animal_lightning.models.backbones import create_backbone
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_KEY = "animal_lightning"  # the checkpoint entry that prediction reads
+CHECKPOINT_FORMAT = 1
+
+
+def eval_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    """The metric names every logger, checkpoint monitor and summary relies on: <prefix>acc, ..."""
+    return MetricCollection({
+        "acc": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+        "acc_top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
+        "acc_macro": MulticlassAccuracy(num_classes, average="macro"),  # mean per-class recall
+        "f1_macro": MulticlassF1Score(num_classes, average="macro"),
+    }, prefix=prefix)
+
+
+def split_weight_decay(module: nn.Module) -> list[dict]:
+    """Two parameter groups: weights decay; biases and norm-layer parameters (1-D tensors) do not."""
+    decay, no_decay = [], []
+    for parameter in module.parameters():
+        (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class AnimalClassifier(LightningModule):
+    def __init__(
+        self,
+        class_names: list[str],
+        backbone: str = "resnet50",
+        pretrained: bool = True,
+        weights_path: str | None = None,
+        image_size: int | None = None,
+        freeze_backbone_epochs: int = 0,
+        label_smoothing: float = 0.0,
+        aux_loss_weight: float = 0.4,
+        channels_last: bool = True,
+        class_weights: list[float] | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+    ):
+        super().__init__()
+        class_names = [str(name) for name in class_names]
+        if class_weights is not None:
+            class_weights = [float(w) for w in class_weights]
+            if len(class_weights) != len(class_names):
+                raise ValueError(f"{len(class_weights)} class weights for {len(class_names)} classes")
+        self.save_hyperparameters({
+            "class_names": class_names, "backbone": str(backbone), "pretrained": bool(pretrained),
+            "weights_path": str(weights_path) if weights_path else None,
+            "image_size": int(image_size) if image_size else None,
+            "freeze_backbone_epochs": int(freeze_backbone_epochs), "label_smoothing": float(label_smoothing),
+            "aux_loss_weight": float(aux_loss_weight), "channels_last": bool(channels_last),
+            "class_weights": class_weights,
+        })
+        built = create_backbone(backbone, len(class_names), pretrained=pretrained, weights_path=weights_path,
+                                image_size=image_size)
+        self.net = built.net
+        self.preprocess: PreprocessSpec = built.spec
+        self._head_ids = {id(p) for p in built.head_parameters()}
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.register_buffer("class_weights", torch.tensor(class_weights) if class_weights else None,
+                             persistent=False)
+        n = len(class_names)
+        self.train_acc = MulticlassAccuracy(n, average="micro")
+        self.val_metrics = eval_metrics(n, "val/")
+        self.test_metrics = eval_metrics(n, "test/")
+        self.val_acc_best = MaxMetric()
+        if self.hparams.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.hparams.class_names)
+
+    # -- forward and loss ---------------------------------------------------------------------------
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else images
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Class logits; an auxiliary head's output (Inception in training) is not part of the answer."""
+        output = self.net(self._prepare(images))
+        return output.logits if hasattr(output, "logits") else output
+
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), targets, weight=self.class_weights,
+                               label_smoothing=self.hparams.label_smoothing)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        output = self.net(self._prepare(images))
+        if hasattr(output, "aux_logits"):  # Inception v3's auxiliary classifier, trained alongside
+            logits = output.logits
+            loss = self._loss(logits, targets)
+            if output.aux_logits is not None:
+                loss = loss + self.hparams.aux_loss_weight * self._loss(output.aux_logits, targets)
+        else:
+            logits, loss = output, self._loss(output, targets)
+        self.train_acc(logits, targets)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(targets))
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(targets))
+        return loss
+
+    def _evaluate(self, batch, metrics: MetricCollection, stage: str) -> None:
+        images, targets = batch
+        logits = self(images)
+        self.log(f"{stage}/loss", self._loss(logits, targets), on_epoch=True, prog_bar=stage == "val",
+                 batch_size=len(targets))
+        metrics.update(logits, targets)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_metrics.compute()
+        self.val_metrics.reset()
+        self.log_dict({name: value for name, value in values.items() if name != "val/acc"})
+        self.log("val/acc", values["val/acc"], prog_bar=True)
+        if not self.trainer.sanity_checking:
+            self.val_acc_best(values["val/acc"])
+        self.log("val/acc_best", self.val_acc_best.compute() if self.val_acc_best.update_called
+                 else values["val/acc"], prog_bar=True)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute())
+        self.test_metrics.reset()
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return torch.softmax(self(images).float(), dim=1)
+
+    # -- fine-tuning: train the new head alone first -------------------------------------------------
+    def on_train_start(self) -> None:
+        self.val_acc_best.reset()  # the sanity check's numbers are not a result
+
+    def on_train_epoch_start(self) -> None:
+        frozen = self.current_epoch < self.hparams.freeze_backbone_epochs
+        for parameter in self.net.parameters():
+            if id(parameter) not in self._head_ids:
+                parameter.requires_grad_(not frozen)
+        if frozen:
+            # A frozen backbone keeps its BatchNorm statistics too: the head must see stable features.
+            for module in self.net.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        if self.hparams.freeze_backbone_epochs and self.current_epoch == self.hparams.freeze_backbone_epochs:
+            log.info("epoch %d: backbone unfrozen, training the whole network", self.current_epoch)
+
+    # -- optimisation --------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            raise RuntimeError("AnimalClassifier needs an optimizer factory to train (the optimizer config group)")
+        optimizer = self.optimizer_factory(params=split_weight_decay(self.net))
+        if self.scheduler_factory is None:
+            return optimizer
+        total = int(self.trainer.estimated_stepping_batches)
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=total,
+                                           steps_per_epoch=max(1, total // epochs))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- what prediction needs, in the checkpoint ----------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "format": CHECKPOINT_FORMAT,
+            "class_names": self.class_names,
+            "backbone": self.hparams.backbone,
+            "preprocess": self.preprocess.to_dict(),
+        }
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, map_location="cpu") -> AnimalClassifier:
+        """Rebuild a trained model from its checkpoint alone, never downloading weights."""
+        return cls.load_from_checkpoint(path, map_location=map_location, pretrained=False, weights_path=None,
+                                        weights_only=True)

@@ -1,0 +1,133 @@
+"""The main job: compose data, model and Trainer from the config, fit, test the best checkpoint, report.
+
+`train(cfg)` is what `python train.py` runs; it takes a composed config (Hydra's or one built by
+`hydra.compose` in a test) and returns the final metrics, with val/acc_best for sweepers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+
+from animal_lightning.data import AnimalDataModule
+from animal_lightning.errors import ModelConfigError
+from animal_lightning.hardware import auto_precision
+from animal_lightning.models import AnimalClassifier
+
+log = logging.getLogger(__name__)
+
+
+def instantiate_group(group: DictConfig | None, kind: type) -> list:
+    """Instantiate every entry of a callbacks/logger group that has a _target_ (null entries are off)."""
+    objects = []
+    for name, entry in (group or {}).items():
+        if isinstance(entry, DictConfig) and "_target_" in entry:
+            obj = instantiate(entry)
+            if not isinstance(obj, kind):
+                raise ModelConfigError(f"config entry {name} made a {type(obj).__name__}, not a {kind.__name__}")
+            objects.append(obj)
+    return objects
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write via a temp file and rename, so a kill mid-write leaves the old file or the new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _plain(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
+    values = {}
+    for name, value in metrics.items():
+        if name.startswith(prefix):
+            number = float(value.item() if isinstance(value, torch.Tensor) else value)
+            values[name] = number if math.isfinite(number) else None
+    return dict(sorted(values.items()))
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logger]) -> L.Trainer:
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer_cfg.get("precision") == "auto":
+        trainer_cfg["precision"] = auto_precision(str(trainer_cfg.get("accelerator", "auto")))
+    return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
+
+
+def build_model(cfg: DictConfig, datamodule: AnimalDataModule) -> AnimalClassifier:
+    optimizer = instantiate(cfg.optimizer)
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    return instantiate(cfg.model, class_names=datamodule.class_names, class_weights=datamodule.loss_weights(),
+                       optimizer=optimizer, scheduler=scheduler)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit, then test the best checkpoint; write metrics.json into the run folder and return the metrics."""
+    if cfg.get("seed") is not None:
+        L.seed_everything(int(cfg.seed), workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+
+    datamodule: AnimalDataModule = instantiate(cfg.data)
+    model = build_model(cfg, datamodule)  # reading class_names scans and checks the data once, here
+    datamodule.use_preprocess(model.preprocess)
+    callbacks = instantiate_group(cfg.get("callbacks"), Callback)
+    loggers = instantiate_group(cfg.get("logger"), Logger)
+    trainer = build_trainer(cfg, callbacks, loggers)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    log.info("precision %s, %d classes, preprocessing %s", trainer.precision, len(model.class_names),
+             model.preprocess)
+
+    trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    val_metrics = _plain(trainer.callback_metrics, "val/")
+
+    checkpoint = trainer.checkpoint_callback
+    best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
+    test_metrics: dict[str, float] = {}
+    if cfg.get("test", True):
+        trainer.test(model=model, datamodule=datamodule, ckpt_path=best, weights_only=True)
+        test_metrics = _plain(trainer.callback_metrics, "test/")
+
+    summary = {
+        "val": val_metrics,
+        "test": test_metrics,
+        "test_source": datamodule.index.test_source,
+        "best_checkpoint": best,
+        "last_checkpoint": checkpoint.last_model_path or None if checkpoint is not None else None,
+        "epochs_completed": trainer.current_epoch,
+        "class_names": model.class_names,
+        "run_dir": str(output_dir),
+    }
+    if trainer.is_global_zero:
+        write_json_atomic(output_dir / "metrics.json", summary)
+        report(summary)
+    return {**val_metrics, **test_metrics, "best_checkpoint": best}
+
+
+def report(summary: dict) -> None:
+    """The lines a user reads at the end of a run: the numbers and where the model is."""
+    lines = ["", "Results"]
+    for split in ("val", "test"):
+        for name, value in summary[split].items():
+            lines.append(f"  {name:<18} {value:.4f}" if value is not None else f"  {name:<18} n/a")
+    lines.append(f"  test set: {summary['test_source']}")
+    lines.append(f"Best checkpoint: {summary['best_checkpoint']}")
+    lines.append(f"Run folder:      {summary['run_dir']}")
+    print("\n".join(lines), flush=True)
