@@ -244,7 +244,8 @@ Each class is a combination of body shape ({", ".join(SHAPES)}), coat pattern ({
 and body colour ({", ".join(COLOURS)}); its name is colour_pattern_shape.
 
 train/<class>/<class>_NNNN.jpg   {spec.train_per_class} images for each of the {n_seen} seen classes
-test/NNNN.jpg                    {spec.test_per_class} images per class, seen and {n_unseen} unseen, shuffled
+test/NNNN.jpg                    {spec.test_per_class} images for each of the {n_seen + n_unseen} classes ({n_unseen} unseen),
+                                 shuffled and unlabelled
 test_labels.csv                  image_id,class,x0,y0,x1,y1 -- box in pixels of the saved image,
                                  x0,y0 inclusive and x1,y1 exclusive (PIL getbbox convention)
 attributes/                      AwA2-format classes.txt, predicates.txt, predicate-matrix-*.txt, and

@@ -27,6 +27,7 @@ class Recipe:
     # Builder arguments that match how the ImageNet weights were trained (used with weights_path too).
     pretrained_kwargs: dict = field(default_factory=dict)
     scratch_kwargs: dict = field(default_factory=dict)
+    min_input_size: int = 32  # smaller inputs shrink a feature map below a kernel somewhere
 
 
 RECIPES: dict[str, Recipe] = {
@@ -37,7 +38,8 @@ RECIPES: dict[str, Recipe] = {
     # Inception v3 trains with an auxiliary classifier; its ImageNet weights expect transform_input.
     "inception_v3": Recipe("inception_v3", tvm.Inception_V3_Weights, ("fc", "AuxLogits.fc"),
                            pretrained_kwargs={"aux_logits": True, "transform_input": True, "init_weights": False},
-                           scratch_kwargs={"aux_logits": True, "init_weights": True}),
+                           scratch_kwargs={"aux_logits": True, "init_weights": True},
+                           min_input_size=299),  # the auxiliary classifier's 5x5 pooling needs 299 px
 }
 
 
@@ -67,7 +69,12 @@ def preprocess_spec(name: str, image_size: int | None = None) -> PreprocessSpec:
     meta = recipe_for(name).weights.DEFAULT.transforms()
     spec = PreprocessSpec(input_size=int(meta.crop_size[0]), resize_size=int(meta.resize_size[0]),
                           mean=tuple(meta.mean), std=tuple(meta.std), interpolation=meta.interpolation.value)
-    return spec if image_size is None else spec.scaled_to(int(image_size))
+    if image_size is None:
+        return spec
+    minimum = recipe_for(name).min_input_size
+    if int(image_size) < minimum:
+        raise ModelConfigError(f"model.image_size={image_size} is too small for {name}: use at least {minimum}")
+    return spec.scaled_to(int(image_size))
 
 
 def _load_local_weights(net: nn.Module, name: str, weights_path: str | os.PathLike) -> None:

@@ -163,11 +163,11 @@ class AnimalClassifier(LightningModule):
         for parameter in self.net.parameters():
             if id(parameter) not in self._head_ids:
                 parameter.requires_grad_(not frozen)
-        if frozen:
-            # A frozen backbone keeps its BatchNorm statistics too: the head must see stable features.
-            for module in self.net.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+        # A frozen backbone keeps its BatchNorm statistics too: the head must see stable features.
+        # Modes set here persist (Lightning restores them after validation), so thawing resets them.
+        for module in self.net.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.train(not frozen)
         if self.hparams.freeze_backbone_epochs and self.current_epoch == self.hparams.freeze_backbone_epochs:
             log.info("epoch %d: backbone unfrozen, training the whole network", self.current_epoch)
 

@@ -1,0 +1,170 @@
+"""The backbone factory, the LightningModule's training logic, optimizers and schedules."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as L
+import pytest
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+from animal_lightning.data import AnimalDataModule
+from animal_lightning.errors import ModelConfigError, WeightsError
+from animal_lightning.models import AnimalClassifier, create_backbone, preprocess_spec
+from animal_lightning.models.classifier import split_weight_decay
+from animal_lightning.models.schedules import cyclic, onecycle, warmup_cosine
+from tests.conftest import make_folder
+
+MODELS = {"resnet18": 32, "resnet50": 32, "resnet101": 32, "vgg16": 32, "inception_v3": 299}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_config_composes_and_predicts_its_classes(compose_cfg, name):
+    size = MODELS[name]
+    cfg = compose_cfg(f"model={name}", "model.pretrained=false", f"model.image_size={size}")
+    model = instantiate(cfg.model, class_names=["a", "b", "c"], optimizer=instantiate(cfg.optimizer))
+    assert model.hparams.backbone == name and model.preprocess.input_size == size
+    model.eval()
+    with torch.inference_mode():
+        assert model(torch.randn(2, 3, size, size)).shape == (2, 3)
+
+
+def test_preprocess_spec_comes_from_the_backbone():
+    assert preprocess_spec("resnet50").input_size == 224
+    inception = preprocess_spec("inception_v3")
+    assert (inception.input_size, inception.resize_size) == (299, 342)
+    small = preprocess_spec("vgg16", image_size=112)
+    assert (small.input_size, small.resize_size) == (112, 128)  # keeps vgg's 224/256 crop ratio
+
+
+def test_too_small_input_is_refused_with_the_minimum():
+    with pytest.raises(ModelConfigError, match="model.image_size=80 is too small for inception_v3: use at least 299"):
+        preprocess_spec("inception_v3", image_size=80)
+
+
+def test_unknown_backbone_lists_the_available_ones():
+    with pytest.raises(ModelConfigError, match="unknown backbone 'resnet5': choose one of .*resnet50.*vgg16"):
+        create_backbone("resnet5", 3)
+
+
+def test_weights_path_loads_a_local_state_dict(tmp_path):
+    reference = create_backbone("resnet18", 1000).net  # stands in for downloaded ImageNet weights
+    path = tmp_path / "resnet18-local.pth"
+    torch.save(reference.state_dict(), path)
+    model = create_backbone("resnet18", 5, weights_path=path).net
+    assert torch.equal(model.conv1.weight, reference.conv1.weight)
+    assert torch.equal(model.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var)
+    assert model.fc.out_features == 5  # the head is new, sized for our classes
+    scratch = create_backbone("resnet18", 5).net
+    assert not torch.equal(scratch.conv1.weight, reference.conv1.weight)
+
+
+def test_weights_path_errors_name_the_file_and_the_fix(tmp_path):
+    with pytest.raises(WeightsError, match=r"weights file .*nope.pth not found: model.weights_path should be"):
+        create_backbone("resnet18", 3, weights_path=tmp_path / "nope.pth")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a torch file")
+    with pytest.raises(WeightsError, match="cannot read weights file .*garbage.pth"):
+        create_backbone("resnet18", 3, weights_path=garbage)
+    other = tmp_path / "vgg.pth"
+    torch.save({"features.0.weight": torch.zeros(1)}, other)
+    with pytest.raises(WeightsError, match="does not fit resnet18"):
+        create_backbone("resnet18", 3, weights_path=other)
+
+
+class PickleBomb:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('ran')",))
+
+
+def test_weights_file_with_a_pickled_payload_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pth"
+    torch.save({"conv1.weight": PickleBomb()}, path)
+    with pytest.raises(WeightsError, match="cannot read weights file"):
+        create_backbone("resnet18", 3, weights_path=path)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_no_weight_decay_on_biases_and_norm_layers():
+    net = create_backbone("resnet18", 3).net
+    decay, no_decay = split_weight_decay(net)
+    assert no_decay["weight_decay"] == 0.0 and "weight_decay" not in decay
+    assert any(p is net.bn1.weight for p in no_decay["params"]) and any(p is net.fc.bias for p in no_decay["params"])
+    assert any(p is net.conv1.weight for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(net.parameters()))
+
+
+def _lrs(scheduler, steps):
+    values = []
+    for _ in range(steps):
+        values.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    return values
+
+
+def _sgd():
+    return torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0, momentum=0.9)
+
+
+def test_warmup_cosine_rises_then_decays_to_the_floor():
+    lrs = _lrs(warmup_cosine(_sgd(), total_steps=100, steps_per_epoch=10, warmup_epochs=1, min_lr_ratio=0.01), 101)
+    assert lrs[0] < 0.2 and lrs[9] < lrs[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lrs[100] == pytest.approx(0.01)
+
+
+def test_cyclic_triangular2_halves_each_cycle():
+    lrs = _lrs(cyclic(_sgd(), total_steps=80, steps_per_epoch=10, base_lr_ratio=0.1, epochs_per_half_cycle=1), 80)
+    assert max(lrs[:20]) == pytest.approx(1.0) and max(lrs[20:40]) == pytest.approx(0.55)
+    assert min(lrs) == pytest.approx(0.1)
+
+
+def test_onecycle_peaks_at_the_optimizer_lr():
+    lrs = _lrs(onecycle(_sgd(), total_steps=50, steps_per_epoch=10, pct_start=0.3), 50)
+    assert max(lrs) == pytest.approx(1.0, rel=1e-3) and lrs[0] < 0.1 and lrs[-1] < 0.01
+
+
+class Snapshots(L.Callback):
+    """Copies of the weights at each epoch end: what the freeze phase may and may not change."""
+
+    def __init__(self):
+        self.states = []
+
+    def on_train_epoch_end(self, trainer, module):
+        self.states.append(copy.deepcopy({k: v.detach().clone() for k, v in module.net.state_dict().items()}))
+
+
+def test_frozen_backbone_phase_trains_only_the_head(tmp_path):
+    root = make_folder(tmp_path / "ds", {"a": 6, "b": 6})
+    dm = AnimalDataModule(root, batch_size=4, num_workers=0)
+    model = AnimalClassifier(dm.class_names, backbone="resnet18", pretrained=False, image_size=32,
+                             freeze_backbone_epochs=1, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2))
+    dm.use_preprocess(model.preprocess)
+    initial = {k: v.clone() for k, v in model.net.state_dict().items()}
+    snaps = Snapshots()
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[snaps], num_sanity_val_steps=0, accelerator="cpu")
+    trainer.fit(model, dm)
+    frozen, thawed = snaps.states
+    for name, value in initial.items():
+        if name.startswith("fc."):
+            assert not torch.equal(frozen[name], value), name
+        elif "num_batches_tracked" not in name:
+            assert torch.equal(frozen[name], value), f"{name} changed while frozen"
+    assert not torch.equal(thawed["conv1.weight"], frozen["conv1.weight"])
+    assert not torch.equal(thawed["bn1.running_mean"], frozen["bn1.running_mean"])
+
+
+def test_inception_trains_with_its_auxiliary_head(tmp_path):
+    model = AnimalClassifier(["a", "b"], backbone="inception_v3", pretrained=False)
+    model.train()
+    images = torch.randn(2, 3, 299, 299)
+    output = model.net(images)
+    assert output.aux_logits.shape == (2, 2)  # the aux head was re-made for our classes too
+    loss = model.training_step((images, torch.tensor([0, 1])), 0)
+    loss.backward()
+    assert model.net.AuxLogits.fc.weight.grad is not None
