@@ -244,8 +244,8 @@ Each class is a combination of body shape ({", ".join(SHAPES)}), coat pattern ({
 and body colour ({", ".join(COLOURS)}); its name is colour_pattern_shape.
 
 train/<class>/<class>_NNNN.jpg   {spec.train_per_class} images for each of the {n_seen} seen classes
-test/NNNN.jpg                    {spec.test_per_class} images for each of the {n_seen + n_unseen} classes ({n_unseen} unseen),
-                                 shuffled and unlabelled
+test/NNNN.jpg                    {spec.test_per_class} images for each of the {n_seen + n_unseen} classes
+                                 ({n_unseen} of them unseen), shuffled and unlabelled
 test_labels.csv                  image_id,class,x0,y0,x1,y1 -- box in pixels of the saved image,
                                  x0,y0 inclusive and x1,y1 exclusive (PIL getbbox convention)
 attributes/                      AwA2-format classes.txt, predicates.txt, predicate-matrix-*.txt, and
@@ -265,8 +265,12 @@ def _move_into_place(tmp: Path, final: Path) -> None:
         # An incomplete folder (from a killed run or an older version) is never trusted. Renaming it away
         # first frees the slot at once, even if deleting it takes a while.
         stale = final.with_name(f".{final.name}.stale-{os.getpid()}")
-        os.rename(final, stale)
-        shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.rename(final, stale)
+        except FileNotFoundError:
+            pass  # another process cleared it first
+        else:
+            shutil.rmtree(stale, ignore_errors=True)
     try:
         os.rename(tmp, final)
     except OSError:
