@@ -263,7 +263,7 @@ def test_balanced_sampler_and_loss_weights(tmp_path):
 def test_bad_data_settings(tmp_path, field, value, message):
     root = make_folder(tmp_path / "ds", {"a": 3, "b": 3})
     with pytest.raises(DataError, match=message.replace("(", r"\(")):
-        AnimalDataModule(root, num_workers=0, **{field: value}).class_names
+        _ = AnimalDataModule(root, num_workers=0, **{field: value}).class_names
 
 
 def test_image_broken_after_the_check_is_replaced(tmp_path):

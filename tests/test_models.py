@@ -13,7 +13,7 @@ from torch import nn
 from animal_lightning.data import AnimalDataModule
 from animal_lightning.errors import ModelConfigError, WeightsError
 from animal_lightning.models import AnimalClassifier, create_backbone, preprocess_spec
-from animal_lightning.models.classifier import split_weight_decay
+from animal_lightning.models.classifier import eval_metrics, split_weight_decay
 from animal_lightning.models.schedules import cyclic, onecycle, warmup_cosine
 from tests.conftest import make_folder
 
@@ -168,3 +168,28 @@ def test_inception_trains_with_its_auxiliary_head(tmp_path):
     loss = model.training_step((images, torch.tensor([0, 1])), 0)
     loss.backward()
     assert model.net.AuxLogits.fc.weight.grad is not None
+
+
+def test_eval_metrics_match_an_independent_computation():
+    """The first batch is all correct (top-1 and top-5 states agree), the rest are not: no shared state."""
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, 7, (60,), generator=generator)
+    logits = torch.randn(60, 7, generator=generator)
+    logits[:10] = torch.nn.functional.one_hot(targets[:10], 7).float() * 5
+    metrics = eval_metrics(7, "val/")
+    for start in range(0, 60, 10):
+        metrics.update(logits[start:start + 10], targets[start:start + 10])
+    values = {k: v.item() for k, v in metrics.compute().items()}
+    predicted = logits.argmax(1)
+    top5 = (logits.topk(5, 1).indices == targets[:, None]).any(1)
+    recalls, f1s = [], []
+    for c in range(7):
+        tp = ((predicted == c) & (targets == c)).sum().item()
+        support, chosen = (targets == c).sum().item(), (predicted == c).sum().item()
+        recalls.append(tp / support if support else 0.0)
+        f1s.append(2 * tp / (support + chosen) if support + chosen else 0.0)
+    assert values["val/acc"] == pytest.approx((predicted == targets).float().mean().item())
+    assert values["val/acc_top5"] == pytest.approx(top5.float().mean().item())
+    assert values["val/acc_top5"] > values["val/acc"]
+    assert values["val/acc_macro"] == pytest.approx(sum(recalls) / 7)
+    assert values["val/f1_macro"] == pytest.approx(sum(f1s) / 7)

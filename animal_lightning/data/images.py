@@ -7,6 +7,7 @@ one of them must become a plain 8-bit RGB image or a one-line reason why not.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,10 +26,8 @@ def is_image_name(name: str) -> bool:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Return an upright 8-bit RGB copy of `image`, whatever its mode."""
-    try:
+    with contextlib.suppress(Exception):  # a malformed EXIF block must not cost us the pixels
         image = ImageOps.exif_transpose(image)
-    except Exception:  # a malformed EXIF block must not cost us the pixels
-        pass
     mode = image.mode
     if mode == "RGB":
         return image

@@ -33,7 +33,7 @@ def eval_metrics(num_classes: int, prefix: str) -> MetricCollection:
         "acc_top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
         "acc_macro": MulticlassAccuracy(num_classes, average="macro"),  # mean per-class recall
         "f1_macro": MulticlassF1Score(num_classes, average="macro"),
-    }, prefix=prefix)
+    }, prefix=prefix, compute_groups=False)  # groups would let top-1 and top-5 share state when they agree
 
 
 def split_weight_decay(module: nn.Module) -> list[dict]:

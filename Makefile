@@ -1,0 +1,44 @@
+# make demo: set up and run the main job on the built-in demo data. make test: set up and run the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The torch pair this project is tested with; override for another platform, e.g. TORCH="torch torchvision".
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+ARGS ?=
+
+.PHONY: install demo train test lint format tensorboard clean distclean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: install  ## train on the demo animals (generated on first use), then test the best checkpoint
+	$(BIN)/python train.py experiment=demo $(ARGS)
+
+train: install  ## make train ARGS="model=vgg16 data.root=/data/animals"
+	$(BIN)/python train.py $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: install
+	$(BIN)/ruff check animal_lightning tests train.py
+
+format: install
+	$(BIN)/ruff check --fix animal_lightning tests train.py
+	$(BIN)/ruff format animal_lightning tests train.py
+
+tensorboard: install
+	$(BIN)/tensorboard --logdir logs
+
+clean:  ## run outputs and caches; keeps the venv and generated demo data
+	rm -rf logs outputs multirun .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) data/synthetic *.egg-info
