@@ -16,17 +16,28 @@ from typing import Any
 
 import lightning.pytorch as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from animal_lightning.data import AnimalDataModule
-from animal_lightning.errors import ModelConfigError
+from animal_lightning.errors import AnimalLightningError, ModelConfigError
 from animal_lightning.hardware import auto_precision
 from animal_lightning.models import AnimalClassifier
 
 log = logging.getLogger(__name__)
+
+
+def instantiate_checked(config, **kwargs):
+    """hydra.utils.instantiate, but our own one-line errors come out unwrapped (Hydra buries them)."""
+    try:
+        return instantiate(config, **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, AnimalLightningError):
+            raise error.__cause__ from None
+        raise
 
 
 def instantiate_group(group: DictConfig | None, kind: type) -> list:
@@ -74,8 +85,8 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logg
 def build_model(cfg: DictConfig, datamodule: AnimalDataModule) -> AnimalClassifier:
     optimizer = instantiate(cfg.optimizer)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    return instantiate(cfg.model, class_names=datamodule.class_names, class_weights=datamodule.loss_weights(),
-                       optimizer=optimizer, scheduler=scheduler)
+    return instantiate_checked(cfg.model, class_names=datamodule.class_names,
+                               class_weights=datamodule.loss_weights(), optimizer=optimizer, scheduler=scheduler)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -84,7 +95,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         L.seed_everything(int(cfg.seed), workers=True)
     output_dir = Path(cfg.paths.output_dir)
 
-    datamodule: AnimalDataModule = instantiate(cfg.data)
+    datamodule: AnimalDataModule = instantiate_checked(cfg.data)
     model = build_model(cfg, datamodule)  # reading class_names scans and checks the data once, here
     datamodule.use_preprocess(model.preprocess)
     callbacks = instantiate_group(cfg.get("callbacks"), Callback)

@@ -54,10 +54,15 @@ def test_train_py_fdr_leaves_checkpoint_events_and_metrics(tmp_path, synthetic_r
 @pytest.mark.parametrize("override, message", [
     ("data.root={tmp}/missing", "error: data root {tmp}/missing does not exist"),
     ("model=resnet18", "error: class folder {tmp}/ds/train/b has no usable image"),
+    ("model.weights_path={tmp}/w.pth", "error: weights file {tmp}/w.pth not found: model.weights_path should be"),
+    ("data.balance=oversample", "error: data.balance='oversample' is not one of: none, sampler, loss_weights"),
 ])
 def test_train_py_bad_input_is_one_line_not_a_traceback(tmp_path, override, message):
     make_folder(tmp_path / "ds", {"a": 3})
-    (tmp_path / "ds" / "train" / "b").mkdir()
+    if "weights_path" not in override and "balance" not in override:
+        (tmp_path / "ds" / "train" / "b").mkdir()
+    else:
+        make_folder(tmp_path / "ds", {"b": 3})
     result = run_train(f"data.root={tmp_path / 'ds'}", override.format(tmp=tmp_path), *FAST,
                        f"paths.log_dir={tmp_path / 'logs'}", cwd=tmp_path)
     assert result.returncode == 2
