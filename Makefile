@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
-.PHONY: install demo train test lint format tensorboard clean distclean
+.PHONY: install demo train predict test lint format tensorboard clean distclean
 
 install: $(VENV)/.installed
 
@@ -17,8 +17,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
-demo: install  ## train on the demo animals (generated on first use), then test the best checkpoint
+demo: install  ## train on the demo animals (generated on first use), test the best checkpoint, predict its test folder
 	$(BIN)/python train.py experiment=demo $(ARGS)
+	$(BIN)/python predict.py
+
+predict: install  ## make predict ARGS="ckpt_path=... input=/data/test topk=5"
+	$(BIN)/python predict.py $(ARGS)
 
 train: install  ## make train ARGS="model=vgg16 data.root=/data/animals"
 	$(BIN)/python train.py $(ARGS)
@@ -27,11 +31,11 @@ test: install
 	$(BIN)/python -m pytest -q $(ARGS)
 
 lint: install
-	$(BIN)/ruff check animal_lightning tests train.py
+	$(BIN)/ruff check animal_lightning tests bench train.py predict.py
 
 format: install
-	$(BIN)/ruff check --fix animal_lightning tests train.py
-	$(BIN)/ruff format animal_lightning tests train.py
+	$(BIN)/ruff check --fix animal_lightning tests bench train.py predict.py
+	$(BIN)/ruff format animal_lightning tests bench train.py predict.py
 
 tensorboard: install
 	$(BIN)/tensorboard --logdir logs

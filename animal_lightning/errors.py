@@ -19,3 +19,7 @@ class ModelConfigError(AnimalLightningError, ValueError):
 
 class WeightsError(AnimalLightningError, RuntimeError):
     """Pretrained or local weights could not be obtained or do not fit the backbone."""
+
+
+class CheckpointError(AnimalLightningError, ValueError):
+    """A checkpoint is missing, damaged, not ours, or would need to run code to load."""

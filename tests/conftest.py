@@ -49,22 +49,25 @@ def synthetic_root(tmp_path_factory) -> Path:
     return ensure_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), spec).parent
 
 
+def compose_config(name: str, workdir: Path, *overrides: str) -> DictConfig:
+    """The config `python <name>.py` would get in `workdir`, its run folder being workdir/run."""
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+            cfg = compose(name, overrides=[f"paths.root_dir={workdir}", *overrides], return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(workdir / "run")
+        del cfg["hydra"]
+    return cfg
+
+
 @pytest.fixture
 def compose_cfg(tmp_path) -> Callable[..., DictConfig]:
     """compose_cfg(*overrides) -> the config train.py would get, writing into tmp_path/run."""
-
-    def _compose(*overrides: str) -> DictConfig:
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-            cfg = compose("train", overrides=[f"paths.root_dir={tmp_path}", *overrides], return_hydra_config=True)
-        HydraConfig().set_config(cfg)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path / "run")
-            del cfg["hydra"]
-        return cfg
-
-    yield _compose
-    GlobalHydra.instance().clear()
+    return lambda *overrides: compose_config("train", tmp_path, *overrides)
 
 
 @pytest.fixture
@@ -78,3 +81,18 @@ def copy_synthetic(synthetic_root, tmp_path) -> Callable[[], Path]:
         return target
 
     return _copy
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> dict:
+    """A real short training run on 4 demo classes at 32 px (shared): metrics, checkpoint, data root."""
+    work = tmp_path_factory.mktemp("trained")
+    spec = SyntheticSpec(num_classes=4, train_per_class=30, test_per_class=6, image_size=32, seed=1)
+    root = ensure_synthetic_dataset(work / "synthetic", spec)
+    cfg = compose_config("train", work, "experiment=demo", f"data.root={work / 'synthetic'}", "data.num_classes=4",
+                         "data.train_per_class=30", "data.test_per_class=6", "data.image_size=32", "data.seed=1",
+                         *FAST, "trainer.max_epochs=8", "data.batch_size=16")
+    from animal_lightning.training import train
+
+    metrics = train(cfg)
+    return {"metrics": metrics, "ckpt": Path(metrics["best_checkpoint"]), "root": root, "work": work}

@@ -132,6 +132,15 @@ class AnimalDataModule(LightningDataModule):
         scale = len(inverse) / sum(inverse)
         return [w * scale for w in inverse]
 
+    @property
+    def test_labels_path(self) -> str | None:
+        """The labels CSV that scores a flat test folder, resolved against the root, if there is one."""
+        if not self.test_labels:
+            return None
+        path = Path(self.test_labels)
+        path = path if path.is_absolute() else self.root / path
+        return str(path.resolve()) if path.is_file() else None
+
     def use_preprocess(self, spec: PreprocessSpec) -> None:
         self.preprocess = spec
 

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
+import re
+import zipfile
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +22,7 @@ from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from animal_lightning.data.transforms import PreprocessSpec
+from animal_lightning.errors import CheckpointError
 from animal_lightning.models.backbones import create_backbone
 
 log = logging.getLogger(__name__)
@@ -150,9 +155,14 @@ class AnimalClassifier(LightningModule):
         self.log_dict(self.test_metrics.compute())
         self.test_metrics.reset()
 
+    predict_tta: str | None = None  # "hflip": average with the mirrored image (set by prediction)
+
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return torch.softmax(self(images).float(), dim=1)
+        probabilities = torch.softmax(self(images).float(), dim=1)
+        if self.predict_tta == "hflip":
+            probabilities = (probabilities + torch.softmax(self(images.flip(-1)).float(), dim=1)) / 2
+        return probabilities
 
     # -- fine-tuning: train the new head alone first -------------------------------------------------
     def on_train_start(self) -> None:
@@ -186,15 +196,50 @@ class AnimalClassifier(LightningModule):
 
     # -- what prediction needs, in the checkpoint ----------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         checkpoint[CHECKPOINT_KEY] = {
             "format": CHECKPOINT_FORMAT,
             "class_names": self.class_names,
             "backbone": self.hparams.backbone,
             "preprocess": self.preprocess.to_dict(),
+            # where the training data was, so `python predict.py` can default to its test folder
+            "data_root": str(Path(datamodule.root).resolve()) if hasattr(datamodule, "root") else None,
+            "test_labels": getattr(datamodule, "test_labels_path", None),
         }
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, map_location="cpu") -> AnimalClassifier:
-        """Rebuild a trained model from its checkpoint alone, never downloading weights."""
-        return cls.load_from_checkpoint(path, map_location=map_location, pretrained=False, weights_path=None,
-                                        weights_only=True)
+    def from_checkpoint(cls, path: str | os.PathLike) -> tuple[AnimalClassifier, dict]:
+        """Rebuild a trained model from its checkpoint alone: (model, the checkpoint's metadata).
+
+        torch.load(weights_only=True) refuses pickled objects, so a planted payload cannot run; a
+        file that is damaged, not a checkpoint, or not one of ours is a one-line CheckpointError.
+        Pretrained weights are never downloaded: the state dict has the trained ones.
+        """
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path} not found: pass ckpt_path=/path/to/best.ckpt")
+        damaged = (f"checkpoint {path} is damaged or not a PyTorch checkpoint; "
+                   "pass a .ckpt written by train.py")
+        if not zipfile.is_zipfile(path):  # torch.save has written zip archives since PyTorch 1.6
+            raise CheckpointError(damaged)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+            what = f" ({found.group(1)})" if found else ""
+            raise CheckpointError(f"checkpoint {path} holds pickled objects{what} that safe loading refuses, since "
+                                  "they could run code; only load checkpoints written by train.py") from None
+        except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+            raise CheckpointError(f"{damaged} ({type(error).__name__})") from None
+        meta = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
+        if not isinstance(meta, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+            raise CheckpointError(f"{path} is not an animal-lightning checkpoint (no class names or preprocessing "
+                                  "inside); pass a .ckpt written by train.py")
+        hparams = {**checkpoint["hyper_parameters"], "pretrained": False, "weights_path": None}
+        model = cls(**hparams)
+        result = model.load_state_dict(checkpoint["state_dict"], strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise CheckpointError(f"checkpoint {path} does not match its own backbone {hparams.get('backbone')} "
+                                  f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})")
+        model.preprocess = PreprocessSpec.from_dict(meta["preprocess"])
+        return model.eval(), meta

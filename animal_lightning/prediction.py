@@ -1,0 +1,327 @@
+"""Predict a folder, one image or a list of images from a checkpoint alone, into a submission file.
+
+The checkpoint carries the class names, the backbone and its preprocessing, so no training config
+or training folder is needed. Images are decoded in DataLoader workers and run in batches through
+Lightning's Trainer.predict (bf16 and channels_last where the hardware supports them); a file that
+cannot be decoded gets a row with an empty class and an `error` column, never a crash.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning.pytorch as L
+from lightning.pytorch.callbacks import BasePredictionWriter
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from animal_lightning.data.datamodule import default_num_workers
+from animal_lightning.data.folders import read_labels_csv
+from animal_lightning.data.images import is_image_name, list_images, load_rgb
+from animal_lightning.data.transforms import eval_transform
+from animal_lightning.errors import CheckpointError, DataError
+from animal_lightning.hardware import auto_precision
+from animal_lightning.models import AnimalClassifier
+
+log = logging.getLogger(__name__)
+
+LIST_SUFFIXES = {".txt", ".lst"}
+
+
+# -- which checkpoint ---------------------------------------------------------------------------------
+def resolve_checkpoint(ckpt_path: str | None, log_dir: str | os.PathLike) -> Path:
+    """`best`, `last` or None: that file of the newest training run under log_dir; else the path given."""
+    if ckpt_path in (None, "", "best", "last"):
+        name = f"{ckpt_path or 'best'}.ckpt"
+        train_logs = Path(log_dir) / "train"
+        found = list(train_logs.glob(f"runs/*/checkpoints/{name}")) + \
+            list(train_logs.glob(f"multiruns/*/*/checkpoints/{name}"))
+        if not found:
+            raise CheckpointError(f"no {name} under {train_logs}: train first (python train.py) or pass "
+                                  "ckpt_path=/path/to/checkpoint.ckpt")
+        return max(found, key=lambda p: p.stat().st_mtime).resolve()
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found: pass ckpt_path=best, last or /path/to/checkpoint.ckpt")
+    return path
+
+
+# -- which images -------------------------------------------------------------------------------------
+@dataclass
+class Inputs:
+    paths: list[Path]
+    image_ids: list[str]
+    labels: list[str | None]  # the true class where known (class folder or labels CSV)
+    description: str
+    unknown_labels: dict[str, int] = field(default_factory=dict)  # label names not among the classes
+
+    @property
+    def labelled(self) -> bool:
+        return any(label is not None for label in self.labels)
+
+
+def collect_inputs(source: str | os.PathLike, class_names: Sequence[str], *, recursive: bool = False,
+                   labels_csv: str | os.PathLike | None = None) -> Inputs:
+    """A folder (flat, recursive, or with class subfolders that label it), one image, or a list file."""
+    source = Path(source).expanduser()
+    if not source.exists():
+        raise DataError(f"input {source} does not exist: pass input=/path/to/folder, an image, or a .txt list")
+    if source.is_file() and source.suffix.lower() in LIST_SUFFIXES:
+        paths = _read_list(source)
+        ids, labels, what = [str(p) for p in paths], [None] * len(paths), f"list {source}"
+        paths = [p if p.is_absolute() else source.parent / p for p in paths]
+    elif source.is_file():
+        paths, ids, labels, what = [source], [source.name], [None], f"image {source}"
+    else:
+        paths, ids, labels, what = _scan_folder(source, set(class_names), recursive)
+    if not paths:
+        raise DataError(f"no images (jpg, jpeg, png, bmp, webp) in {source}"
+                        + ("" if recursive or not source.is_dir() else "; set recursive=true to search sub-folders"))
+    if labels_csv:
+        table = read_labels_csv(Path(labels_csv).expanduser())
+        labels = [table.get(image_id, table.get(Path(image_id).name)) for image_id in ids]
+        what += f", labels from {labels_csv}"
+    known = set(class_names)
+    unknown: dict[str, int] = {}
+    for label in labels:
+        if label is not None and label not in known:
+            unknown[label] = unknown.get(label, 0) + 1
+    order = sorted(range(len(ids)), key=lambda i: ids[i])
+    return Inputs([paths[i] for i in order], [ids[i] for i in order], [labels[i] for i in order], what, unknown)
+
+
+def _read_list(path: Path) -> list[Path]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [Path(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _scan_folder(folder: Path, class_names: set[str], recursive: bool):
+    subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if any(p.name in class_names for p in subfolders):
+        # Class subfolders: a labelled set. Every subfolder counts, so unknown names get reported.
+        paths, ids, labels = [], [], []
+        for sub in subfolders:
+            for path in list_images(sub):
+                paths.append(path)
+                ids.append(path.relative_to(folder).as_posix())
+                labels.append(sub.name)
+        return paths, ids, labels, f"labelled folder {folder}"
+    if recursive:
+        paths = list_images(folder)
+        return paths, [p.relative_to(folder).as_posix() for p in paths], [None] * len(paths), f"folder {folder} (recursive)"
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and is_image_name(p.name))
+    return paths, [p.name for p in paths], [None] * len(paths), f"folder {folder}"
+
+
+class ImageFiles(Dataset):
+    """Decoded, preprocessed images; an undecodable file yields zeros and its reason (the row gets the error)."""
+
+    def __init__(self, paths: Sequence[Path], transform):
+        self.paths = [str(p) for p in paths]
+        self.transform = transform
+        self._blank = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.transform(load_rgb(self.paths[index])), ""
+        except Exception as error:
+            if self._blank is None:
+                from PIL import Image
+
+                self._blank = self.transform(Image.new("RGB", (8, 8)))
+            reason = f"{type(error).__name__}: {error}".strip().replace("\n", " ")
+            return torch.zeros_like(self._blank), reason or type(error).__name__
+
+
+# -- running the model ----------------------------------------------------------------------------------
+class _Collect(BasePredictionWriter):
+    """Keeps each batch's probabilities and decoding errors (which Trainer.predict would drop)."""
+
+    def __init__(self):
+        super().__init__(write_interval="batch")
+        self.probabilities: list[torch.Tensor] = []
+        self.errors: list[str] = []
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        self.probabilities.append(prediction.float().cpu())
+        self.errors.extend(batch[1])
+
+
+def predict_probabilities(model: AnimalClassifier, paths: Sequence[Path], *, batch_size: int = 64,
+                          num_workers: int | str = "auto", accelerator: str = "auto", precision: str = "auto",
+                          tta: str | None = None, progress: bool = True) -> tuple[torch.Tensor, list[str]]:
+    """(N x classes probabilities in fp32, N error strings, empty when fine) in the order of `paths`."""
+    if tta not in (None, "hflip"):
+        raise DataError(f"tta={tta!r} is not one of: null, hflip")
+    workers = default_num_workers() if num_workers == "auto" else int(num_workers)
+    workers = min(workers, len(paths) // max(1, batch_size))  # no worker start-up for a handful of images
+    loader = DataLoader(ImageFiles(paths, eval_transform(model.preprocess)), batch_size=batch_size,
+                        num_workers=workers, pin_memory=torch.cuda.is_available())
+    model.predict_tta = tta
+    collect = _Collect()
+    trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, enable_progress_bar=progress, callbacks=[collect],
+                        precision=auto_precision(accelerator) if precision == "auto" else precision)
+    trainer.predict(model, dataloaders=loader, return_predictions=False)
+    probabilities = torch.cat(collect.probabilities) if collect.probabilities else torch.zeros(0, len(model.class_names))
+    return probabilities, collect.errors
+
+
+# -- writing and scoring --------------------------------------------------------------------------------
+def prediction_rows(inputs: Inputs, class_names: Sequence[str], probabilities: torch.Tensor, errors: Sequence[str],
+                    topk: int = 0) -> list[dict]:
+    """One row per image: image_id, class, confidence, [class_1, prob_1, ...], [label], error."""
+    k = max(0, min(int(topk), len(class_names)))
+    top_p, top_i = probabilities.topk(max(k, 1), dim=1)
+    rows = []
+    for n, image_id in enumerate(inputs.image_ids):
+        failed = bool(errors[n])
+        row = {"image_id": image_id, "class": "" if failed else class_names[int(top_i[n, 0])],
+               "confidence": "" if failed else round(float(top_p[n, 0]), 6)}
+        for j in range(k):
+            row[f"class_{j + 1}"] = "" if failed else class_names[int(top_i[n, j])]
+            row[f"prob_{j + 1}"] = "" if failed else round(float(top_p[n, j]), 6)
+        if inputs.labelled:
+            row["label"] = inputs.labels[n] or ""
+        row["error"] = errors[n]
+        rows.append(row)
+    return rows
+
+
+def score(inputs: Inputs, class_names: Sequence[str], probabilities: torch.Tensor, errors: Sequence[str]) -> dict:
+    """Accuracy, top-5, macro accuracy and a per-class table over images with a known label that decoded."""
+    index = {name: i for i, name in enumerate(class_names)}
+    keep = [n for n, label in enumerate(inputs.labels) if label in index and not errors[n]]
+    targets = torch.tensor([index[inputs.labels[n]] for n in keep], dtype=torch.long)
+    probs = probabilities[keep] if keep else torch.zeros(0, len(class_names))
+    predicted = probs.argmax(1) if keep else torch.zeros(0, dtype=torch.long)
+    k = min(5, len(class_names))
+    in_top5 = (probs.topk(k, 1).indices == targets[:, None]).any(1) if keep else torch.zeros(0, dtype=torch.bool)
+    per_class = []
+    for c, name in enumerate(class_names):
+        support = int((targets == c).sum())
+        correct = int(((predicted == c) & (targets == c)).sum())
+        chosen = int((predicted == c).sum())
+        if support or chosen:
+            per_class.append({"class": name, "support": support, "correct": correct,
+                              "accuracy": round(correct / support, 6) if support else None,
+                              "precision": round(correct / chosen, 6) if chosen else None})
+    recalls = [row["accuracy"] for row in per_class if row["support"]]
+    return {
+        "images_scored": len(keep),
+        "accuracy": float((predicted == targets).float().mean()) if keep else None,
+        "top5_accuracy": float(in_top5.float().mean()) if keep else None,
+        "macro_accuracy": sum(recalls) / len(recalls) if recalls else None,
+        "unknown_labels": dict(sorted(inputs.unknown_labels.items())),
+        "unlabelled": sum(1 for label in inputs.labels if label is None),
+        "unreadable": sum(1 for e in errors if e),
+        "per_class": per_class,
+    }
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Temp file in the same folder, then rename: readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def csv_text(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns or (rows[0].keys() if rows else [])),
+                            extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def write_predictions(rows: Sequence[dict], output: Path, fmt: str = "csv") -> list[Path]:
+    """The full table (csv or json) plus submission.csv (image_id,class: the challenge's format) beside it."""
+    if fmt == "csv":
+        write_atomic(output, csv_text(rows))
+    elif fmt == "json":
+        write_atomic(output, json.dumps(list(rows), indent=1) + "\n")
+    else:
+        raise DataError(f"format={fmt!r} is not one of: csv, json")
+    submission = output.with_name("submission.csv")
+    write_atomic(submission, csv_text(rows, ["image_id", "class"]))
+    return [output, submission]
+
+
+# -- the job behind predict.py --------------------------------------------------------------------------
+def predict(cfg) -> dict:
+    """Resolve the checkpoint, then export it, or predict the input and write (and score) the results."""
+    checkpoint = resolve_checkpoint(cfg.get("ckpt_path"), cfg.paths.log_dir)
+    print(f"Checkpoint: {checkpoint}", flush=True)
+    model, meta = AnimalClassifier.from_checkpoint(checkpoint)
+    if cfg.get("export"):
+        from animal_lightning.export import export_model
+
+        written = export_model(model, checkpoint, str(cfg.export))
+        print("Exported: " + ", ".join(str(p) for p in written), flush=True)
+        return {"exported": [str(p) for p in written]}
+
+    source, labels_csv = cfg.get("input"), cfg.get("labels")
+    if source is None:
+        if not meta.get("data_root"):
+            raise DataError("the checkpoint does not say where its training data was: pass input=/path/to/images")
+        source = Path(meta["data_root"]) / "test"
+        labels_csv = labels_csv or meta.get("test_labels")  # the demo's labels for its own test folder
+    inputs = collect_inputs(source, model.class_names, recursive=bool(cfg.get("recursive", False)),
+                            labels_csv=labels_csv)
+    print(f"Predicting {len(inputs.paths)} images from {inputs.description}", flush=True)
+    probabilities, errors = predict_probabilities(
+        model, inputs.paths, batch_size=int(cfg.batch_size), num_workers=cfg.num_workers,
+        accelerator=str(cfg.accelerator), precision=str(cfg.precision), tta=cfg.get("tta"),
+        progress=bool(cfg.get("progress", True)))
+    rows = prediction_rows(inputs, model.class_names, probabilities, errors, topk=int(cfg.get("topk") or 0))
+    output = Path(cfg.output)
+    written = write_predictions(rows, output, str(cfg.get("format", "csv")))
+    summary = {"checkpoint": str(checkpoint), "input": inputs.description, "images": len(rows),
+               "unreadable": sum(1 for e in errors if e), "output": [str(p) for p in written]}
+    if inputs.labelled:
+        scores = score(inputs, model.class_names, probabilities, errors)
+        write_atomic(output.with_name("metrics.json"), json.dumps({**summary, **scores}, indent=1) + "\n")
+        write_atomic(output.with_name("per_class.csv"), csv_text(scores["per_class"]))
+        summary.update({k: v for k, v in scores.items() if k != "per_class"})
+        print(format_scores(scores), flush=True)
+    for row in rows:
+        if row["error"]:
+            log.warning("could not read %s: %s", row["image_id"], row["error"])
+    print(f"{summary['images']} predictions, {summary['unreadable']} unreadable image(s): "
+          + ", ".join(summary["output"]), flush=True)
+    return summary
+
+
+def format_scores(scores: dict) -> str:
+    def pct(value):
+        return "n/a" if value is None else f"{100 * value:.2f}%"
+
+    lines = [f"Scored {scores['images_scored']} labelled images: accuracy {pct(scores['accuracy'])}, "
+             f"top-5 {pct(scores['top5_accuracy'])}, macro accuracy {pct(scores['macro_accuracy'])}"]
+    if scores["unknown_labels"]:
+        names = ", ".join(f"{name} ({count})" for name, count in scores["unknown_labels"].items())
+        lines.append(f"Labels not among the model's classes (not scored): {names}")
+    width = max((len(row["class"]) for row in scores["per_class"]), default=5)
+    lines.append(f"  {'class':<{width}}  support  accuracy  precision")
+    for row in scores["per_class"]:
+        lines.append(f"  {row['class']:<{width}}  {row['support']:>7}  {pct(row['accuracy']):>8}  "
+                     f"{pct(row['precision']):>9}")
+    return "\n".join(lines)

@@ -1,0 +1,246 @@
+"""predict.py and the prediction module, on a tiny checkpoint trained here from the demo generator."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from animal_lightning.errors import CheckpointError, DataError
+from animal_lightning.models import AnimalClassifier
+from animal_lightning.prediction import predict, resolve_checkpoint
+from tests.conftest import PROJECT, compose_config, make_folder, write_image
+
+
+def run_predict(trained, tmp_path, *overrides: str) -> dict:
+    cfg = compose_config("predict", tmp_path, f"ckpt_path={trained['ckpt']}", "progress=false",
+                         "num_workers=0", *overrides)
+    return predict(cfg)
+
+
+def read_rows(path: Path) -> list[dict]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def labelled_copy(trained, tmp_path: Path) -> Path:
+    """The demo test folder rearranged into class sub-folders, plus one folder of an unseen animal."""
+    labels = {r["image_id"]: r["class"] for r in read_rows(trained["root"] / "test_labels.csv")}
+    target = tmp_path / "labelled"
+    for image_id, name in labels.items():
+        (target / name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(trained["root"] / "test" / image_id, target / name / image_id)
+    write_image(target / "horse" / "h1.jpg")
+    return target
+
+
+def test_folder_predictions_rows_columns_order_and_probabilities(trained, tmp_path):
+    summary = run_predict(trained, tmp_path, f"input={trained['root'] / 'test'}", "topk=4")
+    rows = read_rows(tmp_path / "run" / "predictions.csv")
+    images = sorted(p.name for p in (trained["root"] / "test").iterdir())
+    assert summary["images"] == len(rows) == len(images) == 24
+    assert [r["image_id"] for r in rows] == images  # sorted by image_id
+    assert list(rows[0])[:3] == ["image_id", "class", "confidence"]
+    assert list(rows[0])[-1] == "error" and "prob_4" in rows[0]
+    classes = AnimalClassifier.from_checkpoint(trained["ckpt"])[0].class_names
+    for row in rows:
+        probs = [float(row[f"prob_{j}"]) for j in range(1, 5)]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-4)  # all 4 classes: the full distribution
+        assert probs == sorted(probs, reverse=True)
+        assert row["class"] == row["class_1"] in classes and float(row["confidence"]) == probs[0]
+        assert row["error"] == ""
+    submission = read_rows(tmp_path / "run" / "submission.csv")
+    assert list(submission[0]) == ["image_id", "class"]
+    assert [(r["image_id"], r["class"]) for r in submission] == [(r["image_id"], r["class"]) for r in rows]
+
+
+def test_labelled_folder_is_scored_like_an_independent_count(trained, tmp_path):
+    folder = labelled_copy(trained, tmp_path)
+    summary = run_predict(trained, tmp_path, f"input={folder}", "topk=4")
+    rows = read_rows(tmp_path / "run" / "predictions.csv")
+    assert len(rows) == 25 and rows[0]["image_id"].count("/") == 1  # image_id = class/file
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    scored = [r for r in rows if r["label"] != "horse"]
+    accuracy = sum(r["class"] == r["label"] for r in scored) / len(scored)
+    top4 = sum(r["label"] in {r[f"class_{j}"] for j in range(1, 5)} for r in scored) / len(scored)
+    recalls = {}
+    for r in scored:
+        recalls.setdefault(r["label"], []).append(r["class"] == r["label"])
+    macro = sum(sum(v) / len(v) for v in recalls.values()) / len(recalls)
+    assert metrics["images_scored"] == 24 == summary["images_scored"]
+    assert metrics["accuracy"] == pytest.approx(accuracy) and summary["accuracy"] == pytest.approx(accuracy)
+    assert metrics["top5_accuracy"] == pytest.approx(top4) == 1.0  # 4 classes: top-5 holds every class
+    assert metrics["macro_accuracy"] == pytest.approx(macro)
+    assert metrics["unknown_labels"] == {"horse": 1}
+    per_class = read_rows(tmp_path / "run" / "per_class.csv")
+    assert sum(int(r["support"]) for r in per_class) == 24
+    assert sum(int(r["correct"]) for r in per_class) == round(accuracy * 24)
+
+
+def test_labels_csv_scores_a_flat_folder(trained, tmp_path):
+    summary = run_predict(trained, tmp_path, f"input={trained['root'] / 'test'}",
+                          f"labels={trained['root'] / 'test_labels.csv'}")
+    rows = read_rows(tmp_path / "run" / "predictions.csv")
+    assert summary["images_scored"] == 24
+    assert summary["accuracy"] == pytest.approx(sum(r["class"] == r["label"] for r in rows) / 24)
+    assert summary["accuracy"] > 0.5  # trained for real: far above chance (0.25)
+
+
+def test_bad_images_get_error_rows_and_a_count(trained, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name in sorted(os.listdir(trained["root"] / "test"))[:5]:
+        shutil.copy(trained["root"] / "test" / name, folder / name)
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.jpg").write_text("not an image")
+    data = (folder / sorted(os.listdir(folder))[0]).read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    summary = run_predict(trained, tmp_path, f"input={folder}")
+    rows = {r["image_id"]: r for r in read_rows(tmp_path / "run" / "predictions.csv")}
+    assert len(rows) == 8 and summary["unreadable"] == 3
+    for bad in ("empty.jpg", "notes.jpg", "truncated.jpg"):
+        assert rows[bad]["class"] == "" and rows[bad]["confidence"] == "" and rows[bad]["error"]
+    assert "truncated" in rows["truncated.jpg"]["error"].lower()
+    assert sum(1 for r in rows.values() if r["class"]) == 5
+    assert "8 predictions, 3 unreadable image(s)" in capsys.readouterr().out
+
+
+def test_single_image_and_list_file_inputs(trained, tmp_path):
+    test_dir = trained["root"] / "test"
+    one = sorted(test_dir.iterdir())[3]
+    run_predict(trained, tmp_path, f"input={one}", "format=json")
+    records = json.loads((tmp_path / "run" / "predictions.csv").read_text())
+    assert [r["image_id"] for r in records] == [one.name] and records[0]["class"]
+
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# images to check\n{sorted(test_dir.iterdir())[1]}\n\n../{test_dir.name}/0000.jpg\n")
+    shutil.copytree(test_dir, tmp_path.parent / test_dir.name, dirs_exist_ok=True)
+    summary = run_predict(trained, tmp_path, f"input={listing}")
+    rows = read_rows(tmp_path / "run" / "predictions.csv")
+    assert summary["images"] == 2 and all(r["class"] and not r["error"] for r in rows)
+
+
+def test_recursive_folder_uses_relative_paths(trained, tmp_path):
+    folder = tmp_path / "nested"
+    source = sorted((trained["root"] / "test").iterdir())
+    for i, path in enumerate(source[:4]):
+        target = folder / ("a" if i % 2 else "b") / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    with pytest.raises(DataError, match="recursive=true"):
+        run_predict(trained, tmp_path, f"input={folder}")
+    run_predict(trained, tmp_path, f"input={folder}", "recursive=true")
+    ids = [r["image_id"] for r in read_rows(tmp_path / "run" / "predictions.csv")]
+    assert ids == sorted(ids) and all(i.startswith(("a/", "b/")) for i in ids) and len(ids) == 4
+
+
+def test_hflip_tta_gives_distributions(trained, tmp_path):
+    run_predict(trained, tmp_path, f"input={trained['root'] / 'test'}", "tta=hflip", "topk=4")
+    for row in read_rows(tmp_path / "run" / "predictions.csv"):
+        assert sum(float(row[f"prob_{j}"]) for j in range(1, 5)) == pytest.approx(1.0, abs=1e-4)
+
+
+class PickleBomb:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('ran')",))
+
+
+def test_foreign_damaged_and_booby_trapped_checkpoints_are_refused(trained, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"notes.ckpt is damaged or not a PyTorch checkpoint"):
+        AnimalClassifier.from_checkpoint(text)
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(trained["ckpt"].read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="damaged or not a PyTorch checkpoint"):
+        AnimalClassifier.from_checkpoint(cut)
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, foreign)
+    with pytest.raises(CheckpointError, match="is not an animal-lightning checkpoint"):
+        AnimalClassifier.from_checkpoint(foreign)
+    evil = tmp_path / "evil.ckpt"
+    checkpoint = torch.load(trained["ckpt"], weights_only=True)
+    checkpoint["extra"] = PickleBomb()
+    torch.save(checkpoint, evil)
+    with pytest.raises(CheckpointError, match=r"holds pickled objects \(.*exec\) that safe loading refuses"):
+        AnimalClassifier.from_checkpoint(evil)
+    with pytest.raises(CheckpointError, match="not found"):
+        AnimalClassifier.from_checkpoint(tmp_path / "missing.ckpt")
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_best_and_last_resolve_to_the_newest_run(tmp_path):
+    runs = tmp_path / "logs" / "train" / "runs"
+    for stamp, mtime in (("2026-01-01_00-00-00", 1000), ("2026-01-02_00-00-00", 2000)):
+        for name in ("best", "last"):
+            path = runs / stamp / "checkpoints" / f"{name}.ckpt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x")
+            os.utime(path, (mtime, mtime))
+    newest = (runs / "2026-01-02_00-00-00" / "checkpoints" / "best.ckpt").resolve()
+    assert resolve_checkpoint("best", tmp_path / "logs") == newest
+    assert resolve_checkpoint(None, tmp_path / "logs").name == "best.ckpt"
+    assert resolve_checkpoint("last", tmp_path / "logs").name == "last.ckpt"
+    with pytest.raises(CheckpointError, match="no best.ckpt under .*train first"):
+        resolve_checkpoint("best", tmp_path / "elsewhere")
+
+
+def _predict_py(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, str(PROJECT / "predict.py"), "num_workers=0", "progress=false",
+                           *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_predict_py_with_no_arguments_uses_the_newest_run(trained, tmp_path):
+    run = tmp_path / "logs" / "train" / "runs" / "2026-11-28_00-00-00" / "checkpoints"
+    run.mkdir(parents=True)
+    shutil.copy(trained["ckpt"], run / "best.ckpt")
+    result = _predict_py(tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"Checkpoint: {(run / 'best.ckpt').resolve()}" in result.stdout
+    assert "Scored 24 labelled images: accuracy" in result.stdout  # the demo's labels came along
+    outputs = list((tmp_path / "logs" / "predict" / "runs").glob("*/predictions.csv"))
+    assert len(outputs) == 1 and len(read_rows(outputs[0])) == 24
+
+    missing = _predict_py(tmp_path, f"input={tmp_path / 'nowhere'}")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert f"error: input {tmp_path / 'nowhere'} does not exist" in missing.stderr
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_matches_pytorch(trained, tmp_path, fmt):
+    ckpt = tmp_path / "model.ckpt"
+    shutil.copy(trained["ckpt"], ckpt)
+    summary = run_predict(trained, tmp_path, f"ckpt_path={ckpt}", f"export={fmt}")
+    exported, sidecar = map(Path, summary["exported"])
+    assert exported.parent == tmp_path and json.loads(sidecar.read_text())["class_names"]
+    model, _ = AnimalClassifier.from_checkpoint(ckpt)
+    images = torch.randn(3, 3, 32, 32)  # another batch size than the export's example
+    with torch.inference_mode():
+        expected = torch.softmax(model.float()(images), dim=1).numpy()
+    if fmt == "onnx":
+        ort = pytest.importorskip("onnxruntime")
+        session = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+        got = session.run(["probabilities"], {"images": images.numpy()})[0]
+    else:
+        got = torch.jit.load(str(exported))(images).detach().numpy()
+    assert got.shape == (3, 4)
+    assert abs(got - expected).max() < 1e-4
+
+
+def test_unusable_inputs_are_clear_errors(trained, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no images .* in .*empty"):
+        run_predict(trained, tmp_path, f"input={empty}")
+    make_folder(tmp_path / "x", {"a": 1})
+    with pytest.raises(DataError, match="tta='vflip' is not one of"):
+        run_predict(trained, tmp_path, f"input={tmp_path / 'x' / 'train' / 'a'}", "tta=vflip")
