@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning.pytorch as L
-from lightning.pytorch.callbacks import BasePredictionWriter
 import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
 from animal_lightning.data.datamodule import default_num_workers
@@ -116,7 +116,8 @@ def _scan_folder(folder: Path, class_names: set[str], recursive: bool):
         return paths, ids, labels, f"labelled folder {folder}"
     if recursive:
         paths = list_images(folder)
-        return paths, [p.relative_to(folder).as_posix() for p in paths], [None] * len(paths), f"folder {folder} (recursive)"
+        ids = [p.relative_to(folder).as_posix() for p in paths]
+        return paths, ids, [None] * len(paths), f"folder {folder} (recursive)"
     paths = sorted(p for p in folder.iterdir() if p.is_file() and is_image_name(p.name))
     return paths, [p.name for p in paths], [None] * len(paths), f"folder {folder}"
 
@@ -174,8 +175,9 @@ def predict_probabilities(model: AnimalClassifier, paths: Sequence[Path], *, bat
                         enable_model_summary=False, enable_progress_bar=progress, callbacks=[collect],
                         precision=auto_precision(accelerator) if precision == "auto" else precision)
     trainer.predict(model, dataloaders=loader, return_predictions=False)
-    probabilities = torch.cat(collect.probabilities) if collect.probabilities else torch.zeros(0, len(model.class_names))
-    return probabilities, collect.errors
+    if not collect.probabilities:
+        return torch.zeros(0, len(model.class_names)), []
+    return torch.cat(collect.probabilities), collect.errors
 
 
 # -- writing and scoring --------------------------------------------------------------------------------
