@@ -13,7 +13,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
+from animal_lightning.atomic import write_text_atomic
 from animal_lightning.data.datamodule import default_num_workers
 from animal_lightning.data.folders import read_labels_csv
 from animal_lightning.data.images import is_image_name, list_images, load_rgb
@@ -232,19 +232,6 @@ def score(inputs: Inputs, class_names: Sequence[str], probabilities: torch.Tenso
     }
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Temp file in the same folder, then rename: readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def csv_text(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns or (rows[0].keys() if rows else [])),
@@ -257,13 +244,13 @@ def csv_text(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
 def write_predictions(rows: Sequence[dict], output: Path, fmt: str = "csv") -> list[Path]:
     """The full table (csv or json) plus submission.csv (image_id,class: the challenge's format) beside it."""
     if fmt == "csv":
-        write_atomic(output, csv_text(rows))
+        write_text_atomic(output, csv_text(rows))
     elif fmt == "json":
-        write_atomic(output, json.dumps(list(rows), indent=1) + "\n")
+        write_text_atomic(output, json.dumps(list(rows), indent=1) + "\n")
     else:
         raise DataError(f"format={fmt!r} is not one of: csv, json")
     submission = output.with_name("submission.csv")
-    write_atomic(submission, csv_text(rows, ["image_id", "class"]))
+    write_text_atomic(submission, csv_text(rows, ["image_id", "class"]))
     return [output, submission]
 
 
@@ -300,8 +287,8 @@ def predict(cfg) -> dict:
                "unreadable": sum(1 for e in errors if e), "output": [str(p) for p in written]}
     if inputs.labelled:
         scores = score(inputs, model.class_names, probabilities, errors)
-        write_atomic(output.with_name("metrics.json"), json.dumps({**summary, **scores}, indent=1) + "\n")
-        write_atomic(output.with_name("per_class.csv"), csv_text(scores["per_class"]))
+        write_text_atomic(output.with_name("metrics.json"), json.dumps({**summary, **scores}, indent=1) + "\n")
+        write_text_atomic(output.with_name("per_class.csv"), csv_text(scores["per_class"]))
         summary.update({k: v for k, v in scores.items() if k != "per_class"})
         print(format_scores(scores), flush=True)
     for row in rows:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
+from animal_lightning.atomic import write_text_atomic
 from animal_lightning.data import AnimalDataModule
 from animal_lightning.errors import AnimalLightningError, ModelConfigError
 from animal_lightning.hardware import auto_precision
@@ -52,20 +51,6 @@ def instantiate_group(group: DictConfig | None, kind: type) -> list:
     return objects
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write via a temp file and rename, so a kill mid-write leaves the old file or the new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _plain(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
     values = {}
     for name, value in metrics.items():
@@ -89,10 +74,29 @@ def build_model(cfg: DictConfig, datamodule: AnimalDataModule) -> AnimalClassifi
                                class_weights=datamodule.loss_weights(), optimizer=optimizer, scheduler=scheduler)
 
 
+def resume_in_run_folder(cfg: DictConfig) -> None:
+    """Resuming from <run>/checkpoints/*.ckpt continues in <run>: its best.ckpt and best score stay valid.
+
+    In a new folder Lightning's ModelCheckpoint would forget the best score (it only trusts its own
+    folder), so the first epoch after resuming would become "best" however bad it was.
+    """
+    ckpt = cfg.get("ckpt_path")
+    if not ckpt:
+        return
+    ckpt = Path(ckpt).expanduser()
+    if not ckpt.is_file():
+        raise ModelConfigError(f"ckpt_path={ckpt} not found: pass the run's checkpoints/last.ckpt to resume")
+    if ckpt.parent.name == "checkpoints" and cfg.get("resume_in_place", True):
+        run_dir = ckpt.resolve().parent.parent
+        log.info("resuming %s: continuing in its run folder %s", ckpt, run_dir)
+        cfg.paths.output_dir = str(run_dir)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, then test the best checkpoint; write metrics.json into the run folder and return the metrics."""
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
+    resume_in_run_folder(cfg)
     output_dir = Path(cfg.paths.output_dir)
 
     datamodule: AnimalDataModule = instantiate_checked(cfg.data)
@@ -127,7 +131,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "run_dir": str(output_dir),
     }
     if trainer.is_global_zero:
-        write_json_atomic(output_dir / "metrics.json", summary)
+        write_text_atomic(output_dir / "metrics.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
         report(summary)
     return {**val_metrics, **test_metrics, "best_checkpoint": best}
 

@@ -24,6 +24,13 @@ FAST = ["model=resnet18", "model.pretrained=false", "model.image_size=32", "data
         "callbacks.progress_bar=null", "callbacks.model_summary=null"]
 
 
+class PickleBomb:
+    """Unpickling this runs code: it writes ./PWNED. Safe loaders must refuse it."""
+
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('ran')",))
+
+
 def write_image(path: Path, size=(40, 32), colour=(200, 30, 30), fmt: str | None = None, seed: int = 0) -> Path:
     """A real photo-like file: a colour field with noise, so JPEG coding has work to do."""
     rng = np.random.default_rng(seed)

@@ -36,6 +36,17 @@ def test_split_is_stratified_and_deterministic(tmp_path):
     assert other.class_counts(other.val) == val_counts
 
 
+def test_adding_a_class_leaves_the_other_classes_split_alone(tmp_path):
+    root = make_folder(tmp_path / "ds", {"cat": 20, "dog": 20})
+    before = index_dataset(root, seed=5, check_images=False)
+    make_folder(root, {"aardvark": 10})  # sorts first: shifts every other class's position
+    after = index_dataset(root, seed=5, check_images=False)
+    def names(samples):
+        return sorted(Path(p).parent.name + "/" + Path(p).name for p, _ in samples)
+
+    assert [n for n in names(after.val) if not n.startswith("aardvark")] == names(before.val)
+
+
 def test_split_does_not_depend_on_listing_order(tmp_path):
     """Same files, created in another order: same split (no reliance on directory order)."""
     a = make_folder(tmp_path / "a", {"x": 12, "y": 12})
@@ -68,6 +79,11 @@ def test_flat_test_folder_is_scored_from_labels_csv(tmp_path):
     assert [(Path(p).name, label) for p, label in index.test] == [("a.jpg", 1)]
     unlabelled = index_dataset(root, check_images=False)
     assert unlabelled.test == unlabelled.val and "validation" in unlabelled.test_source
+    (root / "excel.csv").write_bytes("\ufeffimage_id,class\r\nb.jpg,cat\r\n".encode())  # BOM, CRLF
+    assert [Path(p).name for p, _ in index_dataset(root, test_labels="excel.csv", check_images=False).test] == ["b.jpg"]
+    (root / "wrong.csv").write_text("image_id,class\nother.jpg,dog\n")
+    with pytest.raises(DataError, match=r"labels file .*wrong.csv labels none of the 3 images in .*test"):
+        index_dataset(root, test_labels="wrong.csv", check_images=False)
 
 
 def test_scan_ignores_hidden_and_non_images_and_accepts_any_case(tmp_path):
@@ -95,6 +111,7 @@ def test_scan_ignores_hidden_and_non_images_and_accepts_any_case(tmp_path):
     ("empty_class", "has no usable image"),
     ("unknown_val_class", "class folders not in train/: zebra"),
     ("single_image", "has only 1 image"),
+    ("empty_val_class", "val/dog has no usable image"),
 ])
 def test_bad_folders_get_one_line_errors(tmp_path, case, expected):
     root = tmp_path / "ds"
@@ -116,6 +133,10 @@ def test_bad_folders_get_one_line_errors(tmp_path, case, expected):
         make_folder(root, {"zebra": 1}, split="val")
     elif case == "single_image":
         make_folder(root, {"cat": 3, "dog": 1})
+    elif case == "empty_val_class":
+        make_folder(root, {"cat": 3, "dog": 3})
+        make_folder(root, {"cat": 1}, split="val")
+        (root / "val" / "dog").mkdir()
     with pytest.raises(DataError) as info:
         index_dataset(root, check_images=False)
     message = str(info.value)
@@ -229,6 +250,19 @@ def test_datamodule_batches_follow_the_spec(tmp_path):
     assert images.shape[1:] == (3, 32, 32)
     # normalised with the spec's mean/std: values leave [0, 1]
     assert images.min() < 0
+
+
+def test_a_lone_last_training_image_is_not_a_batch(tmp_path):
+    """BatchNorm cannot train on a batch of one image: the ragged remainder is dropped instead."""
+    root = make_folder(tmp_path / "ds", {"cat": 10, "dog": 11})  # 8 + 9 = 17 train images after the split
+    dm = AnimalDataModule(root, batch_size=16, num_workers=0, check_images=False)
+    dm.use_preprocess(SPEC)
+    dm.setup("fit")
+    assert len(dm.train_set) == 17 and [len(y) for _, y in dm.train_dataloader()] == [16]
+    small = AnimalDataModule(root, batch_size=32, num_workers=0, check_images=False)
+    small.use_preprocess(SPEC)
+    small.setup("fit")
+    assert [len(y) for _, y in small.train_dataloader()] == [17]  # never drop the only batch
 
 
 def test_setup_before_preprocess_is_a_clear_error(tmp_path):

@@ -15,7 +15,7 @@ from animal_lightning.errors import ModelConfigError, WeightsError
 from animal_lightning.models import AnimalClassifier, create_backbone, preprocess_spec
 from animal_lightning.models.classifier import eval_metrics, split_weight_decay
 from animal_lightning.models.schedules import cyclic, onecycle, warmup_cosine
-from tests.conftest import make_folder
+from tests.conftest import PickleBomb, make_folder
 
 MODELS = {"resnet18": 32, "resnet50": 32, "resnet101": 32, "vgg16": 32, "inception_v3": 299}
 
@@ -72,11 +72,6 @@ def test_weights_path_errors_name_the_file_and_the_fix(tmp_path):
     torch.save({"features.0.weight": torch.zeros(1)}, other)
     with pytest.raises(WeightsError, match="does not fit resnet18"):
         create_backbone("resnet18", 3, weights_path=other)
-
-
-class PickleBomb:
-    def __reduce__(self):
-        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('ran')",))
 
 
 def test_weights_file_with_a_pickled_payload_is_refused(tmp_path, monkeypatch):
@@ -171,9 +166,10 @@ def test_inception_trains_with_its_auxiliary_head(tmp_path):
 
 
 def test_eval_metrics_match_an_independent_computation():
-    """The first batch is all correct (top-1 and top-5 states agree), the rest are not: no shared state."""
+    """The first batch is all correct (top-1 and top-5 states agree), the rest are not: no shared state.
+    Class 6 never occurs in the targets but gets predicted: macro accuracy averages present classes only."""
     generator = torch.Generator().manual_seed(0)
-    targets = torch.randint(0, 7, (60,), generator=generator)
+    targets = torch.randint(0, 6, (60,), generator=generator)
     logits = torch.randn(60, 7, generator=generator)
     logits[:10] = torch.nn.functional.one_hot(targets[:10], 7).float() * 5
     metrics = eval_metrics(7, "val/")
@@ -183,13 +179,32 @@ def test_eval_metrics_match_an_independent_computation():
     predicted = logits.argmax(1)
     top5 = (logits.topk(5, 1).indices == targets[:, None]).any(1)
     recalls, f1s = [], []
+    assert (predicted == 6).any()
     for c in range(7):
         tp = ((predicted == c) & (targets == c)).sum().item()
         support, chosen = (targets == c).sum().item(), (predicted == c).sum().item()
-        recalls.append(tp / support if support else 0.0)
+        if support:
+            recalls.append(tp / support)
         f1s.append(2 * tp / (support + chosen) if support + chosen else 0.0)
     assert values["val/acc"] == pytest.approx((predicted == targets).float().mean().item())
     assert values["val/acc_top5"] == pytest.approx(top5.float().mean().item())
     assert values["val/acc_top5"] > values["val/acc"]
-    assert values["val/acc_macro"] == pytest.approx(sum(recalls) / 7)
+    assert len(recalls) == 6 and values["val/acc_macro"] == pytest.approx(sum(recalls) / 6)
     assert values["val/f1_macro"] == pytest.approx(sum(f1s) / 7)
+
+
+def test_checkpoint_restores_the_imagenet_variant_of_inception(tmp_path):
+    """Inception with ImageNet weights transforms its input; a restored checkpoint must do the same."""
+    imagenet = create_backbone("inception_v3", 1000, weights_path=None).net  # scratch variant, for weights only
+    path = tmp_path / "inception-local.pth"
+    torch.save(imagenet.state_dict(), path)
+    model = AnimalClassifier(["a", "b", "c"], backbone="inception_v3", weights_path=str(path)).eval()
+    assert model.net.transform_input
+    payload = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
+    model.on_save_checkpoint(payload)
+    torch.save(payload, tmp_path / "inception.ckpt")
+    restored, meta = AnimalClassifier.from_checkpoint(tmp_path / "inception.ckpt")
+    assert restored.net.transform_input and meta["preprocess"]["input_size"] == 299
+    images = torch.randn(1, 3, 299, 299)
+    with torch.inference_mode():
+        assert torch.allclose(restored(images), model(images), atol=1e-5)

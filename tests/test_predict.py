@@ -16,7 +16,7 @@ import torch
 from animal_lightning.errors import CheckpointError, DataError
 from animal_lightning.models import AnimalClassifier
 from animal_lightning.prediction import predict, resolve_checkpoint
-from tests.conftest import PROJECT, compose_config, make_folder, write_image
+from tests.conftest import PROJECT, PickleBomb, compose_config, make_folder, write_image
 
 
 def run_predict(trained, tmp_path, *overrides: str) -> dict:
@@ -116,7 +116,7 @@ def test_single_image_and_list_file_inputs(trained, tmp_path):
     test_dir = trained["root"] / "test"
     one = sorted(test_dir.iterdir())[3]
     run_predict(trained, tmp_path, f"input={one}", "format=json")
-    records = json.loads((tmp_path / "run" / "predictions.csv").read_text())
+    records = json.loads((tmp_path / "run" / "predictions.json").read_text())
     assert [r["image_id"] for r in records] == [one.name] and records[0]["class"]
 
     listing = tmp_path / "list.txt"
@@ -141,15 +141,24 @@ def test_recursive_folder_uses_relative_paths(trained, tmp_path):
     assert ids == sorted(ids) and all(i.startswith(("a/", "b/")) for i in ids) and len(ids) == 4
 
 
-def test_hflip_tta_gives_distributions(trained, tmp_path):
-    run_predict(trained, tmp_path, f"input={trained['root'] / 'test'}", "tta=hflip", "topk=4")
-    for row in read_rows(tmp_path / "run" / "predictions.csv"):
-        assert sum(float(row[f"prob_{j}"]) for j in range(1, 5)) == pytest.approx(1.0, abs=1e-4)
+def test_hflip_tta_averages_the_image_and_its_mirror(trained, tmp_path):
+    model, _ = AnimalClassifier.from_checkpoint(trained["ckpt"])
+    images = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        expected = (torch.softmax(model(images), 1) + torch.softmax(model(images.flip(-1)), 1)) / 2
+        model.predict_tta = "hflip"
+        assert torch.allclose(model.predict_step((images, ["", "", ""]), 0), expected, atol=1e-6)
+        model.predict_tta = None
+        assert not torch.allclose(model.predict_step((images, ["", "", ""]), 0), expected, atol=1e-3)
 
+    def probabilities(*extra: str) -> list[dict]:
+        run_predict(trained, tmp_path, f"input={trained['root'] / 'test'}", "topk=4", *extra)
+        return [{r[f"class_{j}"]: float(r[f"prob_{j}"]) for j in range(1, 5)}
+                for r in read_rows(tmp_path / "run" / "predictions.csv")]
 
-class PickleBomb:
-    def __reduce__(self):
-        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('ran')",))
+    with_tta, without = probabilities("tta=hflip"), probabilities()
+    assert all(sum(p.values()) == pytest.approx(1.0, abs=1e-4) for p in with_tta)
+    assert max(abs(a[c] - b[c]) for a, b in zip(with_tta, without, strict=True) for c in a) > 1e-3  # tta reached it
 
 
 def test_foreign_damaged_and_booby_trapped_checkpoints_are_refused(trained, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
+from animal_lightning.errors import ModelConfigError
 from animal_lightning.training import build_model, train
 from tests.conftest import FAST, PROJECT, make_folder
 
@@ -70,21 +71,34 @@ def test_train_py_bad_input_is_one_line_not_a_traceback(tmp_path, override, mess
     assert not list((tmp_path / "logs").rglob("*.ckpt"))
 
 
-def test_resume_from_last_checkpoint_continues_at_the_next_epoch(compose_cfg, copy_synthetic):
+def test_resume_from_last_checkpoint_continues_at_the_next_epoch(compose_cfg, copy_synthetic, tmp_path):
     root = copy_synthetic()
     common = [f"data.root={root}", *FAST, "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
               "trainer.num_sanity_val_steps=0", "test=false"]
     first = train(compose_cfg(*common, "trainer.max_epochs=1"))
-    last = Path(first["best_checkpoint"]).with_name("last.ckpt")
-    assert torch.load(last, weights_only=True)["epoch"] == 0
+    run = Path(first["best_checkpoint"]).parent.parent
+    last = run / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    assert saved["epoch"] == 0
+    assert saved["state_dict"]["val_acc_best.max_value"] == pytest.approx(first["val/acc_best"])
 
     cfg = compose_cfg(*common, "trainer.max_epochs=2", f"ckpt_path={last}")
-    cfg.paths.output_dir = str(Path(cfg.paths.output_dir).with_name("resumed"))
-    train(cfg)
-    resumed = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
-    assert resumed["epoch"] == 1 and resumed["global_step"] == 4  # one more epoch of 2 steps, not two
-    summary = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
-    assert summary["epochs_completed"] == 2
+    cfg.paths.output_dir = str(tmp_path / "new-hydra-folder")
+    second = train(cfg)
+    # the resumed run continues in the checkpoint's run folder, so best.ckpt and the best score carry over
+    resumed = torch.load(last, weights_only=True)
+    # one more epoch of 2 steps after the first, not two: 2 epochs completed, 4 optimizer steps in all
+    assert resumed["global_step"] == 4
+    assert resumed["loops"]["fit_loop"]["epoch_progress"]["total"]["completed"] == 2
+    assert second["val/acc_best"] >= first["val/acc_best"]
+    assert Path(second["best_checkpoint"]).parent == run / "checkpoints"
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["epochs_completed"] == 2 and not (tmp_path / "new-hydra-folder" / "checkpoints").exists()
+
+
+def test_resume_from_a_missing_checkpoint_is_a_clear_error(compose_cfg, tmp_path):
+    with pytest.raises(ModelConfigError, match=r"ckpt_path=.*nope.ckpt not found"):
+        train(compose_cfg(f"ckpt_path={tmp_path / 'nope.ckpt'}", *FAST))
 
 
 def test_short_real_training_clearly_beats_chance(trained):
@@ -129,3 +143,12 @@ def test_loss_weights_reach_the_model(compose_cfg, tmp_path):
     model = build_model(cfg, instantiate(cfg.data))
     assert model.class_weights is not None and model.class_weights[1] > model.class_weights[0]
     assert model.hparams.class_weights == pytest.approx(model.class_weights.tolist())
+
+
+@pytest.mark.parametrize("script, text", [("train.py", "train an image classifier on a folder of photos"),
+                                          ("predict.py", "predict images with a trained checkpoint")])
+def test_help_describes_each_entry_point(tmp_path, script, text):
+    result = subprocess.run([sys.executable, str(PROJECT / script), "--help"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and text in result.stdout
+    assert "== Configuration groups ==" in result.stdout

@@ -170,8 +170,13 @@ class AnimalDataModule(LightningDataModule):
             weights = torch.tensor([1.0 / counts[label] for _, label in self.index.train], dtype=torch.double)
             generator = torch.Generator().manual_seed(self.split_seed)
             sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True, generator=generator)
-            return self._loader(self.train_set, self.batch_size, sampler=sampler, drop_last=False)
-        return self._loader(self.train_set, self.batch_size, shuffle=True, drop_last=False)
+            return self._loader(self.train_set, self.batch_size, sampler=sampler, drop_last=self._drop_last())
+        return self._loader(self.train_set, self.batch_size, shuffle=True, drop_last=self._drop_last())
+
+    def _drop_last(self) -> bool:
+        """A last training batch of one image breaks BatchNorm ("expected more than 1 value per channel");
+        dropping the ragged remainder costs under one batch per epoch, and the shuffle varies which."""
+        return len(self.train_set) > self.batch_size
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.eval_batch_size)
@@ -190,7 +195,6 @@ class SyntheticAnimalDataModule(AnimalDataModule):
                                   test_per_class=int(test_per_class), image_size=int(image_size),
                                   unseen_classes=int(unseen_classes), seed=int(seed))
         self.parent = Path(root).expanduser()
-        kwargs.setdefault("test_labels", "test_labels.csv")
         super().__init__(root=self.parent / self.spec.key(), **kwargs)
 
     def prepare_dataset(self) -> None:

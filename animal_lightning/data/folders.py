@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import logging
 import random
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,19 +58,20 @@ def stratified_split(by_class: dict[str, list[Path]], val_fraction: float, seed:
                      ) -> tuple[dict[str, list[Path]], dict[str, list[Path]]]:
     """Split each class on its own so that every class is in both parts in the same proportion.
 
-    Files are sorted before a `random.Random(seed)` shuffle (whose sequence is fixed by the language
-    for integer seeds), so the split is the same on every run and machine for the same files.
+    Files are sorted before a `random.Random` shuffle (whose sequence is fixed by the language for
+    integer seeds) seeded by the seed and the class name, so the split is the same on every run and
+    machine, and adding or removing a class leaves the other classes' splits alone.
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"data.val_fraction={val_fraction} must be between 0 and 1 (e.g. 0.15)")
     train: dict[str, list[Path]] = {}
     val: dict[str, list[Path]] = {}
-    for offset, (name, files) in enumerate(sorted(by_class.items())):
+    for name, files in sorted(by_class.items()):
         files = sorted(files)
         if len(files) < 2:
             raise DataError(f"class folder {files[0].parent if files else name} has only {len(files)} image: "
                             "the validation split needs at least 2 per class; add images or provide root/val/")
-        random.Random(seed * 1_000_003 + offset).shuffle(files)
+        random.Random(seed * 1_000_003 + zlib.crc32(name.encode("utf-8"))).shuffle(files)
         n_val = min(len(files) - 1, max(1, round(val_fraction * len(files))))
         val[name] = sorted(files[:n_val])
         train[name] = sorted(files[n_val:])
@@ -79,7 +81,7 @@ def stratified_split(by_class: dict[str, list[Path]], val_fraction: float, seed:
 def read_labels_csv(path: Path) -> dict[str, str]:
     """image_id -> class from a CSV with at least the columns image_id,class (the submission format)."""
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: spreadsheets write a BOM
             reader = csv.DictReader(handle)
             if not reader.fieldnames or not {"image_id", "class"} <= set(reader.fieldnames):
                 raise DataError(f"labels file {path} needs a header with image_id,class (found {reader.fieldnames})")
@@ -161,6 +163,7 @@ def index_dataset(root: str | Path, *, val_fraction: float = 0.15, seed: int = 4
         test_by_class = _leave_out_bad(test_by_class, bad)
         flat_test = [(p, c) for p, c in flat_test if str(p) not in bad]
         _require_usable(train_by_class, train_dir)
+    _require_usable(val_by_class, val_dir)
 
     class_to_idx = {name: i for i, name in enumerate(class_names)}
     if val_by_class:
@@ -192,6 +195,9 @@ def _labelled_flat_test(root: Path, test_dir: Path, labels_file: Path, class_nam
     pairs = [(p, labels[p.name]) for p in images if labels.get(p.name) in known]
     unlabelled = sum(1 for p in images if p.name not in labels)
     unseen = sum(1 for p in images if p.name in labels and labels[p.name] not in known)
+    if not pairs:
+        raise DataError(f"labels file {labels_path} labels none of the {len(images)} images in {test_dir} with a "
+                        "training class: check its image_id column (file names) or set data.test_labels=null")
     if unlabelled or unseen:
         log.info("test set from %s: %d images scored, %d without a label, %d of classes not in train/",
                  labels_path, len(pairs), unlabelled, unseen)

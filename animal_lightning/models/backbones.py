@@ -110,12 +110,19 @@ def _replace_heads(net: nn.Module, heads: tuple[str, ...], num_classes: int) -> 
 
 
 def create_backbone(name: str, num_classes: int, *, pretrained: bool = False,
-                    weights_path: str | os.PathLike | None = None, image_size: int | None = None) -> Backbone:
-    """Build `name` for `num_classes`, starting from ImageNet weights (downloaded or local) or from scratch."""
+                    weights_path: str | os.PathLike | None = None, image_size: int | None = None,
+                    load_weights: bool = True) -> Backbone:
+    """Build `name` for `num_classes`, starting from ImageNet weights (downloaded or local) or from scratch.
+
+    load_weights=False builds the same architecture (ImageNet variant included, e.g. Inception's
+    input transform) without fetching weights: for restoring a checkpoint that has its own.
+    """
     recipe = recipe_for(name)
     if num_classes < 2:
         raise ModelConfigError(f"a classifier needs at least two classes, got {num_classes}")
-    if weights_path:
+    if (pretrained or weights_path) and not load_weights:
+        net = tvm.get_model(recipe.builder, weights=None, **recipe.pretrained_kwargs)
+    elif weights_path:
         net = tvm.get_model(recipe.builder, weights=None, **recipe.pretrained_kwargs)
         _load_local_weights(net, name, weights_path)
     elif pretrained:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
-from torchmetrics import MaxMetric, MetricCollection
+from torchmetrics import MaxMetric, Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from animal_lightning.data.transforms import PreprocessSpec
@@ -31,12 +31,36 @@ CHECKPOINT_KEY = "animal_lightning"  # the checkpoint entry that prediction read
 CHECKPOINT_FORMAT = 1
 
 
+class MeanClassRecall(Metric):
+    """Mean over the classes present in the targets of each class's recall (accuracy on that class).
+
+    torchmetrics' macro accuracy also averages in a 0 for a class that is predicted but absent from
+    the targets; with a test set that holds only some classes that is not what "macro accuracy" means.
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("correct", default=torch.zeros(num_classes), dist_reduce_fx="sum")
+        self.add_state("support", default=torch.zeros(num_classes), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        hits = (logits.argmax(dim=1) == targets).float()
+        self.support += torch.bincount(targets, minlength=len(self.support)).float()
+        self.correct += torch.bincount(targets, weights=hits, minlength=len(self.correct)).float()
+
+    def compute(self) -> torch.Tensor:
+        present = self.support > 0
+        return (self.correct[present] / self.support[present]).mean()
+
+
 def eval_metrics(num_classes: int, prefix: str) -> MetricCollection:
     """The metric names every logger, checkpoint monitor and summary relies on: <prefix>acc, ..."""
     return MetricCollection({
         "acc": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
         "acc_top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
-        "acc_macro": MulticlassAccuracy(num_classes, average="macro"),  # mean per-class recall
+        "acc_macro": MeanClassRecall(num_classes),
         "f1_macro": MulticlassF1Score(num_classes, average="macro"),
     }, prefix=prefix, compute_groups=False)  # groups would let top-1 and top-5 share state when they agree
 
@@ -64,6 +88,7 @@ class AnimalClassifier(LightningModule):
         class_weights: list[float] | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        load_weights: bool = True,  # False: the checkpoint being restored has the weights; fetch none
     ):
         super().__init__()
         class_names = [str(name) for name in class_names]
@@ -80,7 +105,7 @@ class AnimalClassifier(LightningModule):
             "class_weights": class_weights,
         })
         built = create_backbone(backbone, len(class_names), pretrained=pretrained, weights_path=weights_path,
-                                image_size=image_size)
+                                image_size=image_size, load_weights=load_weights)
         self.net = built.net
         self.preprocess: PreprocessSpec = built.spec
         self._head_ids = {id(p) for p in built.head_parameters()}
@@ -93,6 +118,7 @@ class AnimalClassifier(LightningModule):
         self.val_metrics = eval_metrics(n, "val/")
         self.test_metrics = eval_metrics(n, "test/")
         self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # saved in checkpoints, so a resumed run remembers its best
         if self.hparams.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
 
@@ -165,9 +191,6 @@ class AnimalClassifier(LightningModule):
         return probabilities
 
     # -- fine-tuning: train the new head alone first -------------------------------------------------
-    def on_train_start(self) -> None:
-        self.val_acc_best.reset()  # the sanity check's numbers are not a result
-
     def on_train_epoch_start(self) -> None:
         frozen = self.current_epoch < self.hparams.freeze_backbone_epochs
         for parameter in self.net.parameters():
@@ -235,8 +258,8 @@ class AnimalClassifier(LightningModule):
         if not isinstance(meta, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
             raise CheckpointError(f"{path} is not an animal-lightning checkpoint (no class names or preprocessing "
                                   "inside); pass a .ckpt written by train.py")
-        hparams = {**checkpoint["hyper_parameters"], "pretrained": False, "weights_path": None}
-        model = cls(**hparams)
+        hparams = dict(checkpoint["hyper_parameters"])
+        model = cls(**hparams, load_weights=False)
         result = model.load_state_dict(checkpoint["state_dict"], strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise CheckpointError(f"checkpoint {path} does not match its own backbone {hparams.get('backbone')} "
