@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -92,6 +93,39 @@ def resume_in_run_folder(cfg: DictConfig) -> None:
         cfg.paths.output_dir = str(run_dir)
 
 
+def tune(options: DictConfig, trainer: L.Trainer, model: AnimalClassifier, datamodule: AnimalDataModule,
+         output_dir: Path) -> None:
+    """Lightning's tuner before fitting: the largest batch that fits (GPU), then the learning-rate finder."""
+    from lightning.pytorch.tuner import Tuner
+
+    tuner = Tuner(trainer)
+    if options.get("batch_size"):
+        if not isinstance(trainer.accelerator, L.accelerators.CUDAAccelerator):
+            raise ModelConfigError("tune.batch_size=true needs a GPU: it grows the batch until GPU memory runs out; "
+                                   "on the CPU set data.batch_size yourself")
+        found = tuner.scale_batch_size(model, datamodule=datamodule, mode="power",
+                                       max_trials=int(options.get("max_batch_trials", 6)))
+        log.info("batch size finder: data.batch_size=%s", found)
+        print(f"Batch size finder: training with data.batch_size={found}", flush=True)
+    if options.get("lr_find"):
+        finder = tuner.lr_find(model, datamodule=datamodule, update_attr=False,
+                               num_training=int(options.get("lr_find_steps", 100)))
+        suggestion = finder.suggestion() if finder is not None else None
+        if suggestion is None:
+            print("Learning-rate finder: no suggestion (loss did not fall); keeping optimizer.lr", flush=True)
+            return
+        figure = finder.plot(suggest=True)
+        figure.savefig(output_dir / "lr_find.png", dpi=100)
+        for logger in trainer.loggers:
+            if hasattr(logger.experiment, "add_figure"):
+                logger.experiment.add_figure("tune/lr_find", figure)
+        factory = model.optimizer_factory
+        model.optimizer_factory = functools.partial(factory.func, *factory.args, **{**factory.keywords,
+                                                                                   "lr": float(suggestion)})
+        print(f"Learning-rate finder: training with optimizer.lr={suggestion:.3g} (plot: {output_dir / 'lr_find.png'})",
+              flush=True)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, then test the best checkpoint; write metrics.json into the run folder and return the metrics."""
     if cfg.get("seed") is not None:
@@ -110,6 +144,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log.info("precision %s, %d classes, preprocessing %s", trainer.precision, len(model.class_names),
              model.preprocess)
 
+    if cfg.get("tune") and not cfg.get("ckpt_path"):
+        tune(cfg.tune, trainer, model, datamodule, output_dir)
     trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     val_metrics = _plain(trainer.callback_metrics, "val/")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import lightning.pytorch as L
 import pytest
@@ -13,7 +14,7 @@ from torch import nn
 from animal_lightning.data import AnimalDataModule
 from animal_lightning.errors import ModelConfigError, WeightsError
 from animal_lightning.models import AnimalClassifier, create_backbone, preprocess_spec
-from animal_lightning.models.classifier import eval_metrics, split_weight_decay
+from animal_lightning.models.classifier import eval_metrics
 from animal_lightning.models.schedules import cyclic, onecycle, warmup_cosine
 from tests.conftest import PickleBomb, make_folder
 
@@ -83,13 +84,22 @@ def test_weights_file_with_a_pickled_payload_is_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "PWNED").exists()
 
 
-def test_no_weight_decay_on_biases_and_norm_layers():
-    net = create_backbone("resnet18", 3).net
-    decay, no_decay = split_weight_decay(net)
-    assert no_decay["weight_decay"] == 0.0 and "weight_decay" not in decay
-    assert any(p is net.bn1.weight for p in no_decay["params"]) and any(p is net.fc.bias for p in no_decay["params"])
-    assert any(p is net.conv1.weight for p in decay["params"])
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(net.parameters()))
+def test_optimizer_groups_no_decay_on_norm_and_bias_and_a_lower_backbone_lr():
+    model = AnimalClassifier(["a", "b"], backbone="resnet18", pretrained=False, backbone_lr_mult=0.1,
+                             optimizer=partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.05))
+    optimizer = model.configure_optimizers()
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert set(groups) == {"backbone", "backbone_no_decay", "head", "head_no_decay"}
+    net = model.net
+    def holds(name, tensor):
+        return any(p is tensor for p in groups[name]["params"])
+
+    assert holds("backbone_no_decay", net.bn1.weight) and holds("head_no_decay", net.fc.bias)
+    assert holds("backbone", net.conv1.weight) and holds("head", net.fc.weight)
+    assert groups["backbone_no_decay"]["weight_decay"] == groups["head_no_decay"]["weight_decay"] == 0.0
+    assert groups["backbone"]["weight_decay"] == groups["head"]["weight_decay"] == 0.05
+    assert groups["backbone"]["lr"] == pytest.approx(1e-4) and groups["head"]["lr"] == pytest.approx(1e-3)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(net.parameters()))
 
 
 def _lrs(scheduler, steps):

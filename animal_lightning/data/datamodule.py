@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, default_collate
+from torchvision.transforms import v2
 
 from animal_lightning.data.folders import DatasetIndex, Sample, index_dataset
 from animal_lightning.data.images import load_rgb
@@ -48,6 +49,27 @@ class ImageSamples(Dataset):
                     log.warning("unreadable image %s replaced by another sample (%s)", path, error)
         raise DataError(f"10 consecutive unreadable images from {self.samples[index][0]}: "
                         "check the dataset folder (was it moved or deleted?)")
+
+
+class MixCollate:
+    """Collates a batch, then mixes it with MixUp or CutMix: the targets become soft (rows sum to 1).
+
+    A module-level class (not a closure) so that DataLoader worker processes can pickle it.
+    """
+
+    def __init__(self, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0):
+        mixes = []
+        if mixup_alpha > 0:
+            mixes.append(v2.MixUp(alpha=float(mixup_alpha), num_classes=num_classes))
+        if cutmix_alpha > 0:
+            mixes.append(v2.CutMix(alpha=float(cutmix_alpha), num_classes=num_classes))
+        if not mixes:
+            raise ValueError("MixCollate needs mixup_alpha > 0 or cutmix_alpha > 0")
+        self.mix = mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+
+    def __call__(self, batch):
+        images, labels = default_collate(batch)
+        return self.mix(images, labels)
 
 
 def default_num_workers() -> int:
@@ -164,14 +186,23 @@ class AnimalDataModule(LightningDataModule):
         return DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=self.pin_memory,
                           persistent_workers=workers > 0, **kwargs)
 
+    def _train_collate(self):
+        alphas = {k: float(self.augment.get(k, 0.0)) for k in ("mixup_alpha", "cutmix_alpha")}
+        if not self.augment.get("augment", True) or not any(a > 0 for a in alphas.values()):
+            return None
+        return MixCollate(len(self.index.class_names), **alphas)
+
     def train_dataloader(self) -> DataLoader:
-        if self.balance == "sampler":
-            counts = self.index.class_counts(self.index.train)
-            weights = torch.tensor([1.0 / counts[label] for _, label in self.index.train], dtype=torch.double)
-            generator = torch.Generator().manual_seed(self.split_seed)
-            sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True, generator=generator)
-            return self._loader(self.train_set, self.batch_size, sampler=sampler, drop_last=self._drop_last())
-        return self._loader(self.train_set, self.batch_size, shuffle=True, drop_last=self._drop_last())
+        sampler = self._balanced_sampler() if self.balance == "sampler" else None
+        return self._loader(self.train_set, self.batch_size, sampler=sampler, shuffle=sampler is None,
+                            drop_last=self._drop_last(), collate_fn=self._train_collate())
+
+    def _balanced_sampler(self) -> WeightedRandomSampler:
+        """Draws every class equally often (with replacement), epoch after epoch from one generator."""
+        counts = self.index.class_counts(self.index.train)
+        weights = torch.tensor([1.0 / counts[label] for _, label in self.index.train], dtype=torch.double)
+        generator = torch.Generator().manual_seed(self.split_seed)
+        return WeightedRandomSampler(weights, num_samples=len(weights), replacement=True, generator=generator)
 
     def _drop_last(self) -> bool:
         """A last training batch of one image breaks BatchNorm ("expected more than 1 value per channel");

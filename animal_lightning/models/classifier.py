@@ -65,12 +65,20 @@ def eval_metrics(num_classes: int, prefix: str) -> MetricCollection:
     }, prefix=prefix, compute_groups=False)  # groups would let top-1 and top-5 share state when they agree
 
 
-def split_weight_decay(module: nn.Module) -> list[dict]:
-    """Two parameter groups: weights decay; biases and norm-layer parameters (1-D tensors) do not."""
-    decay, no_decay = [], []
-    for parameter in module.parameters():
-        (no_decay if parameter.ndim <= 1 else decay).append(parameter)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+def parameter_groups(net: nn.Module, head_ids: set[int], backbone_lr_mult: float = 1.0) -> list[dict]:
+    """Optimizer groups: backbone and head, each split so that biases and norm-layer parameters (1-D
+    tensors) get no weight decay. Backbone groups carry `lr_mult`, applied to the optimizer's LR."""
+    groups = []
+    for part in ("backbone", "head"):
+        params = [p for p in net.parameters() if (id(p) in head_ids) == (part == "head")]
+        mult = backbone_lr_mult if part == "backbone" else 1.0
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        if decay:
+            groups.append({"params": decay, "name": part, "lr_mult": mult})
+        if no_decay:
+            groups.append({"params": no_decay, "name": f"{part}_no_decay", "weight_decay": 0.0, "lr_mult": mult})
+    return groups
 
 
 class AnimalClassifier(LightningModule):
@@ -82,6 +90,7 @@ class AnimalClassifier(LightningModule):
         weights_path: str | None = None,
         image_size: int | None = None,
         freeze_backbone_epochs: int = 0,
+        backbone_lr_mult: float = 1.0,
         label_smoothing: float = 0.0,
         aux_loss_weight: float = 0.4,
         channels_last: bool = True,
@@ -100,7 +109,8 @@ class AnimalClassifier(LightningModule):
             "class_names": class_names, "backbone": str(backbone), "pretrained": bool(pretrained),
             "weights_path": str(weights_path) if weights_path else None,
             "image_size": int(image_size) if image_size else None,
-            "freeze_backbone_epochs": int(freeze_backbone_epochs), "label_smoothing": float(label_smoothing),
+            "freeze_backbone_epochs": int(freeze_backbone_epochs), "backbone_lr_mult": float(backbone_lr_mult),
+            "label_smoothing": float(label_smoothing),
             "aux_loss_weight": float(aux_loss_weight), "channels_last": bool(channels_last),
             "class_weights": class_weights,
         })
@@ -136,6 +146,7 @@ class AnimalClassifier(LightningModule):
         return output.logits if hasattr(output, "logits") else output
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy against class indices, or against class probabilities (mixed batches)."""
         return F.cross_entropy(logits.float(), targets, weight=self.class_weights,
                                label_smoothing=self.hparams.label_smoothing)
 
@@ -149,7 +160,8 @@ class AnimalClassifier(LightningModule):
                 loss = loss + self.hparams.aux_loss_weight * self._loss(output.aux_logits, targets)
         else:
             logits, loss = output, self._loss(output, targets)
-        self.train_acc(logits, targets)
+        hard_targets = targets.argmax(dim=1) if targets.ndim == 2 else targets  # mixup/cutmix: soft targets
+        self.train_acc(logits, hard_targets)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(targets))
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(targets))
         return loss
@@ -208,7 +220,10 @@ class AnimalClassifier(LightningModule):
     def configure_optimizers(self):
         if self.optimizer_factory is None:
             raise RuntimeError("AnimalClassifier needs an optimizer factory to train (the optimizer config group)")
-        optimizer = self.optimizer_factory(params=split_weight_decay(self.net))
+        optimizer = self.optimizer_factory(params=parameter_groups(self.net, self._head_ids,
+                                                                   self.hparams.backbone_lr_mult))
+        for group in optimizer.param_groups:
+            group["lr"] *= group["lr_mult"]
         if self.scheduler_factory is None:
             return optimizer
         total = int(self.trainer.estimated_stepping_batches)

@@ -1,0 +1,91 @@
+"""Accuracy at equal compute: the report's recipe against the project's default, trained from scratch.
+
+Each recipe runs as `python train.py` (the real path) on the same data, backbone, image size, batch
+size and number of epochs; both are scored on the labelled test folder by the best checkpoint.
+Prints JSON, then a one-line summary. Default data: ../shared/data/caltech101 (101 classes,
+5,784 training photos, imbalanced; test/<class>/ is held out).
+
+    python bench/recipe_compare.py [--epochs 12] [--backbone resnet18] [--image-size 128]
+        [--recipes report,default] [--set default:data.augment.random_erasing=0.25 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+CALTECH = PROJECT.parent / "shared" / "data" / "caltech101"
+
+# The report's recipe is an experiment config; "default" is what `python train.py` does out of the box.
+RECIPES = {
+    "report": ["experiment=seed_report"],
+    "default": [],
+    "default_ema": ["callbacks=ema"],
+}
+
+
+def run_recipe(name: str, overrides: list[str], log_dir: Path) -> dict:
+    command = [sys.executable, str(PROJECT / "train.py"), *overrides, f"paths.log_dir={log_dir / name}",
+               "callbacks.progress_bar=null", "callbacks.model_summary=null"]
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"recipe {name} failed:\n{result.stderr[-3000:]}")
+    metrics_file = next((log_dir / name).glob("train/runs/*/metrics.json"))
+    metrics = json.loads(metrics_file.read_text())
+    return {"top1": metrics["test"]["test/acc"], "macro_accuracy": metrics["test"]["test/acc_macro"],
+            "top5": metrics["test"]["test/acc_top5"], "val_acc_best": metrics["val"]["val/acc_best"],
+            "wall_seconds": round(seconds, 1), "epochs": metrics["epochs_completed"],
+            "overrides": overrides, "run_dir": metrics["run_dir"], "test_source": metrics["test_source"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=CALTECH)
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--recipes", default="report,default")
+    parser.add_argument("--set", action="append", default=[], metavar="RECIPE:OVERRIDE",
+                        help="an extra override for one recipe, e.g. default:data.augment.mixup_alpha=0.2")
+    parser.add_argument("--log-dir", type=Path, default=None, help="keep the runs here (default: a temp folder)")
+    args = parser.parse_args()
+    if not (args.data / "train").is_dir():
+        raise SystemExit(f"no {args.data}/train: pass --data /path/to/dataset (train/<class>/ and test/<class>/)")
+
+    common = [f"data.root={args.data.resolve()}", f"model={args.backbone}", "model.pretrained=false",
+              f"model.image_size={args.image_size}", f"data.batch_size={args.batch_size}",
+              f"trainer.max_epochs={args.epochs}"]
+    extra: dict[str, list[str]] = {}
+    for item in args.set:
+        recipe, _, override = item.partition(":")
+        extra.setdefault(recipe, []).append(override)
+    names = args.recipes.split(",")
+    with tempfile.TemporaryDirectory() as scratch:
+        log_dir = args.log_dir or Path(scratch)
+        results = {name: run_recipe(name, RECIPES[name] + common + extra.get(name, []), log_dir) for name in names}
+
+    report = {"benchmark": "recipe_compare", "data": str(args.data), "backbone": args.backbone,
+              "image_size": args.image_size, "batch_size": args.batch_size, "epochs": args.epochs,
+              "recipes": results}
+    if "report" in results and "default" in results:
+        report["top1_gain_points"] = round(100 * (results["default"]["top1"] - results["report"]["top1"]), 2)
+    print(json.dumps(report, indent=2))
+    parts = [f"{name} top-1 {100 * r['top1']:.1f}% macro {100 * r['macro_accuracy']:.1f}% "
+             f"in {r['wall_seconds'] / 60:.1f} min" for name, r in results.items()]
+    gain = f"; gain {report['top1_gain_points']} points" if "top1_gain_points" in report else ""
+    print("recipe_compare: " + ", ".join(parts) + gain)
+
+
+if __name__ == "__main__":
+    main()

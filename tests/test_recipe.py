@@ -1,0 +1,123 @@
+"""The training-recipe knobs: each composes and trains, and each does what it says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+
+from animal_lightning.data import AnimalDataModule
+from animal_lightning.data.datamodule import MixCollate
+from animal_lightning.data.transforms import PreprocessSpec, train_transform
+from animal_lightning.models import AnimalClassifier
+from animal_lightning.training import train
+from tests.conftest import FAST, make_folder
+
+TINY = [*FAST, "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+        "trainer.num_sanity_val_steps=0", "test=false", "data.batch_size=8"]
+
+
+@pytest.mark.parametrize("knobs", [
+    ["data.augment.policy=randaugment"],
+    ["data.augment.policy=none", "data.augment.random_erasing=0.5"],
+    ["data.augment.train_crop_ratio=0.75"],
+    ["data.augment.mixup_alpha=0.2"],
+    ["data.augment.mixup_alpha=0.2", "data.augment.cutmix_alpha=1.0", "data.balance=sampler"],
+    ["callbacks=ema"],
+    ["model.backbone_lr_mult=0.1", "model.freeze_backbone_epochs=1", "trainer.gradient_clip_val=1.0"],
+    ["scheduler=onecycle", "optimizer=sgd"],
+])
+def test_each_knob_composes_and_trains(compose_cfg, copy_synthetic, knobs):
+    metrics = train(compose_cfg(f"data.root={copy_synthetic()}", *TINY, *knobs))
+    assert Path(metrics["best_checkpoint"]).is_file() and 0.0 <= metrics["val/acc"] <= 1.0
+
+
+def test_mixed_batches_have_soft_targets_that_sum_to_one():
+    images = torch.rand(8, 3, 16, 16)
+    labels = torch.arange(8) % 4
+    for mix in (MixCollate(4, mixup_alpha=0.4), MixCollate(4, cutmix_alpha=1.0), MixCollate(4, 0.4, 1.0)):
+        mixed, soft = mix(list(zip(images, labels, strict=True)))
+        assert mixed.shape == images.shape and soft.shape == (8, 4) and soft.dtype.is_floating_point
+        assert torch.allclose(soft.sum(1), torch.ones(8))
+        assert (soft.max(1).values < 1).all()  # every row really is a mixture
+        assert not torch.equal(mixed, images)
+
+
+def test_the_datamodule_mixes_only_training_batches(tmp_path):
+    root = make_folder(tmp_path / "ds", {"a": 8, "b": 8})
+    dm = AnimalDataModule(root, batch_size=4, num_workers=0, augment={"mixup_alpha": 0.4})
+    dm.use_preprocess(PreprocessSpec(32, 36))
+    dm.setup("fit")
+    _, train_targets = next(iter(dm.train_dataloader()))
+    _, val_targets = next(iter(dm.val_dataloader()))
+    assert train_targets.shape == (4, 2) and val_targets.shape == (2,)
+
+
+def test_train_crop_ratio_and_random_erasing_shape_the_training_images():
+    from PIL import Image
+
+    spec = PreprocessSpec(64, 72)
+    image = Image.new("RGB", (80, 80), (200, 100, 50))
+    assert train_transform(spec, train_crop_ratio=0.75)(image).shape == (3, 48, 48)
+    erased = train_transform(spec, policy="none", random_erasing=1.0, hflip=False)(image)
+    assert (erased == 0).all(dim=0).any()  # a rectangle set to 0 (the mean after normalisation)
+    with pytest.raises(ValueError, match="data.augment.policy='autoaugment' is not one of"):
+        train_transform(spec, policy="autoaugment")
+    with pytest.raises(ValueError, match=r"data.augment.random_erasing=2 must be a probability"):
+        train_transform(spec, random_erasing=2)
+
+
+class WeightSpy(L.Callback):
+    """Records conv1's weight as validation sees it, after the EMA callback has swapped its weights in."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_validation_epoch_start(self, trainer, module):
+        self.seen.append(module.net.conv1.weight.detach().clone())
+
+
+def test_ema_weights_are_validated_and_saved(tmp_path):
+    root = make_folder(tmp_path / "ds", {"a": 10, "b": 10})
+    dm = AnimalDataModule(root, batch_size=4, num_workers=0)
+    model = AnimalClassifier(dm.class_names, backbone="resnet18", pretrained=False, image_size=32,
+                             optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2))
+    dm.use_preprocess(model.preprocess)
+    ema, spy = EMAWeightAveraging(decay=0.9), WeightSpy()
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="best", monitor="val/acc", mode="max")  # as configured
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, accelerator="cpu", callbacks=[ema, spy, saver],
+                        default_root_dir=tmp_path)
+    trainer.fit(model, dm)
+    averaged = ema._average_model.module.net.conv1.weight
+    assert torch.equal(spy.seen[-1], averaged)  # validation ran on the averaged weights
+    assert torch.equal(model.net.conv1.weight, averaged)  # and training ends with them
+    assert not torch.equal(spy.seen[0], spy.seen[-1])
+    path = tmp_path / "best.ckpt"  # written at a validation's end, while EMA was running
+    checkpoint = torch.load(path, weights_only=True)
+    saved, raw = checkpoint["state_dict"]["net.conv1.weight"], checkpoint["current_model_state"]["net.conv1.weight"]
+    assert torch.equal(saved, spy.seen[checkpoint["epoch"]])  # the weights that validation scored
+    assert not torch.allclose(saved, raw)
+    restored, _ = AnimalClassifier.from_checkpoint(path)  # prediction gets the averaged weights
+    assert torch.equal(restored.net.conv1.weight, saved)
+
+
+def test_lr_finder_runs_and_its_suggestion_is_used(compose_cfg, copy_synthetic):
+    cfg = compose_cfg(f"data.root={copy_synthetic()}", *TINY, "trainer.limit_train_batches=1.0", "data.batch_size=4",
+                      "tune.lr_find=true", "tune.lr_find_steps=24", "scheduler=none")
+    metrics = train(cfg)
+    run = Path(cfg.paths.output_dir)
+    assert (run / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
+    state = torch.load(Path(metrics["best_checkpoint"]), weights_only=True)["optimizer_states"][0]
+    lrs = {group["lr"] for group in state["param_groups"]}
+    assert len(lrs) == 1 and lrs != {1e-3}  # trained with the finder's suggestion, not the config's 1e-3
+
+
+def test_batch_size_finder_needs_a_gpu(compose_cfg, copy_synthetic):
+    from animal_lightning.errors import ModelConfigError
+
+    with pytest.raises(ModelConfigError, match="tune.batch_size=true needs a GPU"):
+        train(compose_cfg(f"data.root={copy_synthetic()}", *TINY, "tune.batch_size=true", "trainer=cpu"))
