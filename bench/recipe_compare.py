@@ -24,10 +24,15 @@ PROJECT = Path(__file__).resolve().parents[1]
 CALTECH = PROJECT.parent / "shared" / "data" / "caltech101"
 
 # The report's recipe is an experiment config; "default" is what `python train.py` does out of the box.
+# The ablations each take one part out of (or add one to) the default, at the same budget.
 RECIPES = {
     "report": ["experiment=seed_report"],
     "default": [],
     "default_ema": ["callbacks=ema"],
+    "no_trivial_augment": ["data.augment.policy=none"],
+    "no_label_smoothing": ["model.label_smoothing=0"],
+    "constant_lr": ["scheduler=none"],
+    "no_augmentation": ["data.augment.augment=false"],
 }
 
 
@@ -55,7 +60,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--recipes", default="report,default")
+    parser.add_argument("--recipes", default="report,default", help=f"comma-separated, from: {', '.join(RECIPES)}")
     parser.add_argument("--set", action="append", default=[], metavar="RECIPE:OVERRIDE",
                         help="an extra override for one recipe, e.g. default:data.augment.mixup_alpha=0.2")
     parser.add_argument("--log-dir", type=Path, default=None, help="keep the runs here (default: a temp folder)")

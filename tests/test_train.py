@@ -8,13 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as L
 import pytest
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger
 from torch import nn
 
 from animal_lightning.errors import ModelConfigError
-from animal_lightning.training import build_model, train
+from animal_lightning.training import build_model, build_trainer, instantiate_group, train
 from tests.conftest import FAST, PROJECT, make_folder
 
 
@@ -115,26 +117,31 @@ def test_short_real_training_clearly_beats_chance(trained):
     ("trainer", "default"), ("trainer", "cpu"), ("trainer", "gpu"),
     ("logger", "tensorboard"), ("logger", "csv"), ("logger", "many"),
     ("callbacks", "default"), ("callbacks", "early_stopping"), ("callbacks", "none"),
-    ("experiment", "seed_report"), ("experiment", "demo"),
+    ("experiment", "seed_report"), ("experiment", "demo"), ("experiment", "finetune_gpu"),
+    ("experiment", "scratch_cpu"), ("callbacks", "ema"),
     ("debug", "fdr"), ("debug", "overfit"), ("debug", "limit"),
     ("data", "animals"), ("data", "synthetic"),
 ])
 def test_every_config_option_composes_and_instantiates(compose_cfg, tmp_path, group, option):
-    cfg = compose_cfg(f"{group}={option}", f"data.root={tmp_path}")
+    """Everything train() builds, built for each option: data, model, optimizer, schedule, callbacks, loggers,
+    and the Trainer itself where this machine can host it (not trainer=gpu without a GPU)."""
+    cfg = compose_cfg(f"{group}={option}", f"data.root={tmp_path}", "model.pretrained=false")
+    callbacks = instantiate_group(cfg.get("callbacks"), L.Callback)
+    loggers = instantiate_group(cfg.get("logger"), Logger)
     if group in ("callbacks", "logger"):
-        for entry in (cfg[group] or {}).values():
-            assert instantiate(entry) is not None
-    elif group == "trainer":
-        assert cfg.trainer._target_ == "lightning.pytorch.Trainer" and cfg.trainer.precision == "auto"
-    elif group == "data":
-        dm = instantiate(cfg.data)
-        assert dm.batch_size == cfg.data.batch_size
-    else:
-        optimizer = instantiate(cfg.optimizer)([nn.Parameter(torch.zeros(2))])
-        if cfg.get("scheduler"):
-            scheduler = instantiate(cfg.scheduler)(optimizer=optimizer, total_steps=20, steps_per_epoch=5)
-            optimizer.step()
-            scheduler.step()
+        assert len(callbacks if group == "callbacks" else loggers) == len(cfg[group] or {})
+    dm = instantiate(cfg.data)
+    assert dm.batch_size == cfg.data.batch_size
+    model = instantiate(cfg.model, class_names=["a", "b", "c"], optimizer=instantiate(cfg.optimizer),
+                        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None)
+    optimizer = model.optimizer_factory(params=[nn.Parameter(torch.zeros(2))])
+    if model.scheduler_factory is not None:
+        scheduler = model.scheduler_factory(optimizer=optimizer, total_steps=20, steps_per_epoch=5)
+        optimizer.step()
+        scheduler.step()
+    if cfg.trainer.accelerator != "gpu" or torch.cuda.is_available():
+        trainer = build_trainer(cfg, callbacks, loggers)
+        assert trainer.max_epochs == cfg.trainer.max_epochs
 
 
 def test_loss_weights_reach_the_model(compose_cfg, tmp_path):
