@@ -33,6 +33,7 @@ RECIPES = {
     "no_label_smoothing": ["model.label_smoothing=0"],
     "constant_lr": ["scheduler=none"],
     "no_augmentation": ["data.augment.augment=false"],
+    "light_augment": ["data.augment.policy=none", "data.augment.crop_scale=[0.35,1.0]"],
 }
 
 
