@@ -34,6 +34,7 @@ RECIPES = {
     "constant_lr": ["scheduler=none"],
     "no_augmentation": ["data.augment.augment=false"],
     "light_augment": ["data.augment.policy=none", "data.augment.crop_scale=[0.35,1.0]"],
+    "no_augmentation_squash": ["data.augment.augment=false", "data.resize_mode=squash"],
 }
 
 
