@@ -26,7 +26,7 @@ from animal_lightning.atomic import write_text_atomic
 from animal_lightning.data.datamodule import default_num_workers
 from animal_lightning.data.folders import read_labels_csv
 from animal_lightning.data.images import is_image_name, list_images, load_rgb
-from animal_lightning.data.transforms import eval_transform
+from animal_lightning.data.transforms import PreprocessSpec, eval_transform
 from animal_lightning.errors import CheckpointError, DataError
 from animal_lightning.hardware import auto_precision
 from animal_lightning.models import AnimalClassifier
@@ -125,10 +125,10 @@ def _scan_folder(folder: Path, class_names: set[str], recursive: bool):
 class ImageFiles(Dataset):
     """Decoded, preprocessed images; an undecodable file yields zeros and its reason (the row gets the error)."""
 
-    def __init__(self, paths: Sequence[Path], transform):
+    def __init__(self, paths: Sequence[Path], spec: PreprocessSpec):
         self.paths = [str(p) for p in paths]
-        self.transform = transform
-        self._blank = None
+        self.transform = eval_transform(spec)
+        self.blank_shape = (3, spec.input_size, spec.input_size)  # what the transform returns
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -137,12 +137,8 @@ class ImageFiles(Dataset):
         try:
             return self.transform(load_rgb(self.paths[index])), ""
         except Exception as error:
-            if self._blank is None:
-                from PIL import Image
-
-                self._blank = self.transform(Image.new("RGB", (8, 8)))
             reason = f"{type(error).__name__}: {error}".strip().replace("\n", " ")
-            return torch.zeros_like(self._blank), reason or type(error).__name__
+            return torch.zeros(self.blank_shape), reason
 
 
 # -- running the model ----------------------------------------------------------------------------------
@@ -167,7 +163,7 @@ def predict_probabilities(model: AnimalClassifier, paths: Sequence[Path], *, bat
         raise DataError(f"tta={tta!r} is not one of: null, hflip")
     workers = default_num_workers() if num_workers == "auto" else int(num_workers)
     workers = min(workers, len(paths) // max(1, batch_size))  # no worker start-up for a handful of images
-    loader = DataLoader(ImageFiles(paths, eval_transform(model.preprocess)), batch_size=batch_size,
+    loader = DataLoader(ImageFiles(paths, model.preprocess), batch_size=batch_size,
                         num_workers=workers, pin_memory=torch.cuda.is_available())
     model.predict_tta = tta
     collect = _Collect()
