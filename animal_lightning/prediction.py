@@ -29,7 +29,7 @@ from animal_lightning.data.images import is_image_name, list_images, load_rgb
 from animal_lightning.data.transforms import PreprocessSpec, eval_transform
 from animal_lightning.errors import CheckpointError, DataError
 from animal_lightning.hardware import auto_precision
-from animal_lightning.models import AnimalClassifier
+from animal_lightning.models import AnimalClassifier, openset
 
 log = logging.getLogger(__name__)
 
@@ -143,22 +143,29 @@ class ImageFiles(Dataset):
 
 # -- running the model ----------------------------------------------------------------------------------
 class _Collect(BasePredictionWriter):
-    """Keeps each batch's probabilities and decoding errors (which Trainer.predict would drop)."""
+    """Keeps each batch's outputs and decoding errors (which Trainer.predict would drop)."""
 
     def __init__(self):
         super().__init__(write_interval="batch")
-        self.probabilities: list[torch.Tensor] = []
+        self.outputs: list[dict[str, torch.Tensor]] = []
         self.errors: list[str] = []
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        self.probabilities.append(prediction.float().cpu())
+        self.outputs.append({key: value.float().cpu() for key, value in prediction.items()})
         self.errors.extend(batch[1])
 
 
-def predict_probabilities(model: AnimalClassifier, paths: Sequence[Path], *, batch_size: int = 64,
-                          num_workers: int | str = "auto", accelerator: str = "auto", precision: str = "auto",
-                          tta: str | None = None, progress: bool = True) -> tuple[torch.Tensor, list[str]]:
+def predict_probabilities(model: AnimalClassifier, paths: Sequence[Path], **kwargs) -> tuple[torch.Tensor, list[str]]:
     """(N x classes probabilities in fp32, N error strings, empty when fine) in the order of `paths`."""
+    outputs, errors = predict_outputs(model, paths, **kwargs)
+    return outputs["probabilities"], errors
+
+
+def predict_outputs(model: AnimalClassifier, paths: Sequence[Path], *, batch_size: int = 64,
+                    num_workers: int | str = "auto", accelerator: str = "auto", precision: str = "auto",
+                    tta: str | None = None, progress: bool = True) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """What predict_step returns for every image, concatenated in the order of `paths`: probabilities
+    (N x classes), open-set scores (N x 3) and, with attributes, compat (N x seen+unseen); and the errors."""
     if tta not in (None, "hflip"):
         raise DataError(f"tta={tta!r} is not one of: null, hflip")
     workers = default_num_workers() if num_workers == "auto" else int(num_workers)
@@ -171,15 +178,67 @@ def predict_probabilities(model: AnimalClassifier, paths: Sequence[Path], *, bat
                         enable_model_summary=False, enable_progress_bar=progress, callbacks=[collect],
                         precision=auto_precision(accelerator) if precision == "auto" else precision)
     trainer.predict(model, dataloaders=loader, return_predictions=False)
-    if not collect.probabilities:
-        return torch.zeros(0, len(model.class_names)), []
-    return torch.cat(collect.probabilities), collect.errors
+    if not collect.outputs:
+        return {"probabilities": torch.zeros(0, len(model.class_names)), "scores": torch.zeros(0, 3)}, []
+    return {key: torch.cat([o[key] for o in collect.outputs]) for key in collect.outputs[0]}, collect.errors
+
+
+@dataclass
+class Decisions:
+    """The answer for each image: a class among seen (+ unseen) classes, and whether it looks unknown."""
+
+    names: list[str]  # seen classes, then unseen ones (attributes only)
+    predicted: torch.Tensor  # index into names
+    confidence: torch.Tensor
+    known_score: torch.Tensor  # higher: more like a training class
+    unknown: torch.Tensor | None  # known_score below the calibrated threshold; None without a calibration
+    score: str
+    keep: float
+    threshold: float | None
+    penalty: float | None  # calibrated stacking's penalty on seen classes (attributes only)
+
+
+def decide(model: AnimalClassifier, outputs: dict[str, torch.Tensor], *, score: str | None = None,
+           keep: float | None = None, penalty: float | None = None) -> Decisions:
+    """Open-set flags from the known-class score, and generalized zero-shot naming with attributes.
+
+    score, keep and penalty default to the checkpoint's (model.open_set_* and its validation calibration).
+    """
+    score = score or model.hparams.open_set_score
+    keep = float(keep if keep is not None else model.hparams.open_set_keep)
+    if score not in openset.SCORES:
+        raise DataError(f"open_set_score={score!r} is not one of: {', '.join(openset.SCORES)}")
+    if not 0.0 < keep < 1.0:
+        raise DataError(f"keep_known={keep} must be between 0 and 1 (e.g. 0.95)")
+    probabilities = outputs["probabilities"]
+    known = outputs["scores"][:, openset.score_index(score)]
+    calibration = model.calibration
+    threshold = openset.known_threshold(calibration, score, keep) if calibration else None
+    confidence, predicted = probabilities.max(dim=1) if len(probabilities) else (torch.zeros(0), torch.zeros(0))
+    predicted = predicted.long()
+    compat = outputs.get("compat")
+    if compat is not None and model.unseen_class_names:
+        if penalty is None:
+            if not (calibration and calibration.get("margin_quantiles")):
+                raise CheckpointError("the checkpoint has no zero-shot calibration (it was saved before any "
+                                      "validation): pass seen_penalty=<number> or use a later checkpoint")
+            penalty = openset.seen_penalty(calibration, keep)
+        num_seen = len(model.class_names)
+        predicted = openset.gzsl_predict(predicted, compat, num_seen, float(penalty))
+        unseen_probability = openset.gzsl_probabilities(compat, num_seen, float(penalty)).gather(
+            1, predicted[:, None]).squeeze(1)
+        confidence = torch.where(predicted >= num_seen, unseen_probability, confidence)
+    else:
+        penalty = None
+    return Decisions(model.all_class_names, predicted, confidence, known,
+                     None if threshold is None else known < threshold, score, keep, threshold, penalty)
 
 
 # -- writing and scoring --------------------------------------------------------------------------------
 def prediction_rows(inputs: Inputs, class_names: Sequence[str], probabilities: torch.Tensor, errors: Sequence[str],
-                    topk: int = 0) -> list[dict]:
-    """One row per image: image_id, class, confidence, [class_1, prob_1, ...], [label], error."""
+                    topk: int = 0, decisions: Decisions | None = None) -> list[dict]:
+    """One row per image: image_id, class, confidence, [known_score, open_set], [class_1, prob_1, ...],
+    [label], error. With decisions, class may be an unseen (zero-shot) class; top-k lists seen classes."""
     k = max(0, min(int(topk), len(class_names)))
     top_p, top_i = probabilities.topk(max(k, 1), dim=1)
     rows = []
@@ -187,6 +246,12 @@ def prediction_rows(inputs: Inputs, class_names: Sequence[str], probabilities: t
         failed = bool(errors[n])
         row = {"image_id": image_id, "class": "" if failed else class_names[int(top_i[n, 0])],
                "confidence": "" if failed else round(float(top_p[n, 0]), 6)}
+        if decisions is not None:
+            row["class"] = "" if failed else decisions.names[int(decisions.predicted[n])]
+            row["confidence"] = "" if failed else round(float(decisions.confidence[n]), 6)
+            row["known_score"] = "" if failed else round(float(decisions.known_score[n]), 6)
+            flagged = decisions.unknown is not None and bool(decisions.unknown[n])
+            row["open_set"] = "" if failed or decisions.unknown is None else ("unknown" if flagged else "known")
         for j in range(k):
             row[f"class_{j + 1}"] = "" if failed else class_names[int(top_i[n, j])]
             row[f"prob_{j + 1}"] = "" if failed else round(float(top_p[n, j]), 6)
@@ -226,6 +291,32 @@ def score(inputs: Inputs, class_names: Sequence[str], probabilities: torch.Tenso
         "unreadable": sum(1 for e in errors if e),
         "per_class": per_class,
     }
+
+
+def open_set_scores(inputs: Inputs, decisions: Decisions, errors: Sequence[str], num_seen: int) -> dict:
+    """With labels outside the training classes: AUROC of seen vs novel images, the share of each flagged
+    unknown, and generalized zero-shot accuracy (seen, unseen, H; per-class averaged) with attributes."""
+    position = {name: i for i, name in enumerate(decisions.names)}
+    novel_unnamed = len(decisions.names)  # a label no class (seen or unseen) has: novel, never right
+    keep = [n for n, label in enumerate(inputs.labels) if label is not None and not errors[n]]
+    if not keep:
+        return {}
+    targets = torch.tensor([position.get(inputs.labels[n], novel_unnamed) for n in keep], dtype=torch.long)
+    report: dict = {"score": decisions.score, "keep": decisions.keep, "threshold": decisions.threshold,
+                    "auroc": openset.auroc(decisions.known_score[keep], targets < num_seen)}
+    if decisions.unknown is not None:
+        flagged = decisions.unknown[keep]
+        seen = targets < num_seen
+        report["seen_flagged_unknown"] = float(flagged[seen].float().mean()) if seen.any() else None
+        report["novel_flagged_unknown"] = float(flagged[~seen].float().mean()) if (~seen).any() else None
+    result = {"open_set": report}
+    if decisions.penalty is not None:
+        predicted = decisions.predicted[keep]
+        acc_seen = openset.mean_class_accuracy(predicted, targets, range(num_seen))
+        acc_unseen = openset.mean_class_accuracy(predicted, targets, range(num_seen, len(decisions.names)))
+        result["zero_shot"] = {"seen_penalty": decisions.penalty, "acc_seen": acc_seen, "acc_unseen": acc_unseen,
+                               "H": openset.harmonic_mean(acc_seen, acc_unseen)}
+    return result
 
 
 def csv_text(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
@@ -269,20 +360,34 @@ def predict(cfg) -> dict:
             raise DataError("the checkpoint does not say where its training data was: pass input=/path/to/images")
         source = Path(meta["data_root"]) / "test"
         labels_csv = labels_csv or meta.get("test_labels")  # the demo's labels for its own test folder
-    inputs = collect_inputs(source, model.class_names, recursive=bool(cfg.get("recursive", False)),
+    inputs = collect_inputs(source, model.all_class_names, recursive=bool(cfg.get("recursive", False)),
                             labels_csv=labels_csv)
     print(f"Predicting {len(inputs.paths)} images from {inputs.description}", flush=True)
-    probabilities, errors = predict_probabilities(
+    outputs, errors = predict_outputs(
         model, inputs.paths, batch_size=int(cfg.batch_size), num_workers=cfg.num_workers,
         accelerator=str(cfg.accelerator), precision=str(cfg.precision), tta=cfg.get("tta"),
         progress=bool(cfg.get("progress", True)))
-    rows = prediction_rows(inputs, model.class_names, probabilities, errors, topk=int(cfg.get("topk") or 0))
+    probabilities = outputs["probabilities"]
+    decisions = decide(model, outputs, score=cfg.get("open_set_score"), keep=cfg.get("keep_known"),
+                       penalty=cfg.get("seen_penalty"))
+    rows = prediction_rows(inputs, model.class_names, probabilities, errors, topk=int(cfg.get("topk") or 0),
+                           decisions=decisions)
     output = Path(cfg.output)
     written = write_predictions(rows, output, str(cfg.get("format", "csv")))
     summary = {"checkpoint": str(checkpoint), "input": inputs.description, "images": len(rows),
                "unreadable": sum(1 for e in errors if e), "output": [str(p) for p in written]}
+    if decisions.unknown is not None:
+        flagged = sum(1 for row in rows if row.get("open_set") == "unknown")
+        print(f"Open set: {flagged} of {len(rows)} images flagged unknown ({decisions.score} below "
+              f"{decisions.threshold:.4g}, the threshold that keeps {decisions.keep:.0%} of validation images)",
+              flush=True)
+    if decisions.penalty is not None:
+        named = sum(1 for row in rows if row["class"] in set(model.unseen_class_names))
+        print(f"Zero-shot: {named} images named as one of {len(model.unseen_class_names)} unseen classes "
+              f"(seen-class penalty {decisions.penalty:.4g})", flush=True)
     if inputs.labelled:
         scores = score(inputs, model.class_names, probabilities, errors)
+        scores.update(open_set_scores(inputs, decisions, errors, len(model.class_names)))
         write_text_atomic(output.with_name("metrics.json"), json.dumps({**summary, **scores}, indent=1) + "\n")
         write_text_atomic(output.with_name("per_class.csv"), csv_text(scores["per_class"]))
         summary.update({k: v for k, v in scores.items() if k != "per_class"})
@@ -303,7 +408,16 @@ def format_scores(scores: dict) -> str:
              f"top-5 {pct(scores['top5_accuracy'])}, macro accuracy {pct(scores['macro_accuracy'])}"]
     if scores["unknown_labels"]:
         names = ", ".join(f"{name} ({count})" for name, count in scores["unknown_labels"].items())
-        lines.append(f"Labels not among the model's classes (not scored): {names}")
+        lines.append(f"Labels not among the model's classes (novel): {names}")
+    report = scores.get("open_set")
+    if report and report.get("auroc") is not None:
+        lines.append(f"Open set ({report['score']}): AUROC seen vs novel {pct(report['auroc'])}, flagged unknown: "
+                     f"{pct(report.get('seen_flagged_unknown'))} of seen, {pct(report.get('novel_flagged_unknown'))} "
+                     "of novel images")
+    zero_shot = scores.get("zero_shot")
+    if zero_shot:
+        lines.append(f"Zero-shot (per-class): seen {pct(zero_shot['acc_seen'])}, "
+                     f"unseen {pct(zero_shot['acc_unseen'])}, H {pct(zero_shot['H'])}")
     width = max((len(row["class"]) for row in scores["per_class"]), default=5)
     lines.append(f"  {'class':<{width}}  support  accuracy  precision")
     for row in scores["per_class"]:

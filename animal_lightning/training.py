@@ -71,8 +71,8 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logg
 def build_model(cfg: DictConfig, datamodule: AnimalDataModule) -> AnimalClassifier:
     optimizer = instantiate(cfg.optimizer)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    return instantiate_checked(cfg.model, class_names=datamodule.class_names,
-                               class_weights=datamodule.loss_weights(), optimizer=optimizer, scheduler=scheduler)
+    return instantiate_checked(cfg.model, class_names=datamodule.class_names, class_weights=datamodule.loss_weights(),
+                               attributes=datamodule.attribute_hparams(), optimizer=optimizer, scheduler=scheduler)
 
 
 def resume_in_run_folder(cfg: DictConfig) -> None:
@@ -136,6 +136,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule: AnimalDataModule = instantiate_checked(cfg.data)
     model = build_model(cfg, datamodule)  # reading class_names scans and checks the data once, here
     datamodule.use_preprocess(model.preprocess)
+    model.preprocess = datamodule.preprocess  # with data.resize_mode: prediction evaluates images the same way
     callbacks = instantiate_group(cfg.get("callbacks"), Callback)
     loggers = instantiate_group(cfg.get("logger"), Logger)
     trainer = build_trainer(cfg, callbacks, loggers)

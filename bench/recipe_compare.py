@@ -5,7 +5,7 @@ size and number of epochs; both are scored on the labelled test folder by the be
 Prints JSON, then a one-line summary. Default data: ../shared/data/caltech101 (101 classes,
 5,784 training photos, imbalanced; test/<class>/ is held out).
 
-    python bench/recipe_compare.py [--epochs 12] [--backbone resnet18] [--image-size 128]
+    python bench/recipe_compare.py [--epochs 24] [--backbone resnet18] [--image-size 128]
         [--recipes report,default] [--set default:data.augment.random_erasing=0.25 ...]
 """
 
@@ -29,12 +29,12 @@ RECIPES = {
     "report": ["experiment=seed_report"],
     "default": [],
     "default_ema": ["callbacks=ema"],
-    "no_trivial_augment": ["data.augment.policy=none"],
+    "no_augmentation": ["data.augment.augment=false"],
+    "no_fixres": ["data.augment.train_crop_ratio=1.0"],
+    "crop_resize": ["data.resize_mode=crop"],
+    "imagenet_augment": ["data.augment.crop_scale=[0.08,1.0]", "data.augment.policy=trivial_augment"],
     "no_label_smoothing": ["model.label_smoothing=0"],
     "constant_lr": ["scheduler=none"],
-    "no_augmentation": ["data.augment.augment=false"],
-    "light_augment": ["data.augment.policy=none", "data.augment.crop_scale=[0.35,1.0]"],
-    "no_augmentation_squash": ["data.augment.augment=false", "data.resize_mode=squash"],
 }
 
 
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=24)
     parser.add_argument("--recipes", default="report,default", help=f"comma-separated, from: {', '.join(RECIPES)}")
     parser.add_argument("--set", action="append", default=[], metavar="RECIPE:OVERRIDE",
                         help="an extra override for one recipe, e.g. default:data.augment.mixup_alpha=0.2")

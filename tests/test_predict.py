@@ -147,9 +147,10 @@ def test_hflip_tta_averages_the_image_and_its_mirror(trained, tmp_path):
     with torch.inference_mode():
         expected = (torch.softmax(model(images), 1) + torch.softmax(model(images.flip(-1)), 1)) / 2
         model.predict_tta = "hflip"
-        assert torch.allclose(model.predict_step((images, ["", "", ""]), 0), expected, atol=1e-6)
+        assert torch.allclose(model.predict_step((images, ["", "", ""]), 0)["probabilities"], expected, atol=1e-6)
         model.predict_tta = None
-        assert not torch.allclose(model.predict_step((images, ["", "", ""]), 0), expected, atol=1e-3)
+        assert not torch.allclose(model.predict_step((images, ["", "", ""]), 0)["probabilities"], expected,
+                                  atol=1e-3)
 
     def probabilities(*extra: str) -> list[dict]:
         run_predict(trained, tmp_path, f"input={trained['root'] / 'test'}", "topk=4", *extra)
@@ -253,3 +254,16 @@ def test_unusable_inputs_are_clear_errors(trained, tmp_path):
     make_folder(tmp_path / "x", {"a": 1})
     with pytest.raises(DataError, match="tta='vflip' is not one of"):
         run_predict(trained, tmp_path, f"input={tmp_path / 'x' / 'train' / 'a'}", "tta=vflip")
+
+
+def test_prediction_resizes_images_the_way_training_evaluated_them(trained, tmp_path):
+    from animal_lightning.data.images import load_rgb
+    from animal_lightning.data.transforms import eval_transform
+    from animal_lightning.prediction import ImageFiles
+
+    model, _ = AnimalClassifier.from_checkpoint(trained["ckpt"])
+    assert model.preprocess.resize_mode == "squash"  # data.resize_mode of the training run, kept in the checkpoint
+    path = write_image(tmp_path / "wide.jpg", size=(90, 30))
+    tensor, error = ImageFiles([path], model.preprocess)[0]
+    assert error == "" and torch.equal(tensor, eval_transform(model.preprocess, "squash")(load_rgb(path)))
+    assert not torch.equal(tensor, eval_transform(model.preprocess, "crop")(load_rgb(path)))

@@ -29,6 +29,8 @@ TINY = [*FAST, "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer
     ["callbacks=ema"],
     ["model.backbone_lr_mult=0.1", "model.freeze_backbone_epochs=1", "trainer.gradient_clip_val=1.0"],
     ["scheduler=onecycle", "optimizer=sgd"],
+    ["data.attributes=attributes", "data.augment.mixup_alpha=0.2", "callbacks=ema"],  # attribute head, soft targets
+    ["data.augment.policy=trivial_augment", "data.augment.crop_scale=[0.08,1.0]", "data.resize_mode=crop"],
 ])
 def test_each_knob_composes_and_trains(compose_cfg, copy_synthetic, knobs):
     metrics = train(compose_cfg(f"data.root={copy_synthetic()}", *TINY, *knobs))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, default_collate
 from torchvision.transforms import v2
 
+from animal_lightning.data.attributes import AttributeTable, load_attributes
 from animal_lightning.data.folders import DatasetIndex, Sample, index_dataset
 from animal_lightning.data.images import load_rgb
 from animal_lightning.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
@@ -100,6 +102,8 @@ class AnimalDataModule(LightningDataModule):
         resize_mode: str = "crop",
         augment: dict | None = None,
         pin_memory: bool | str = "auto",
+        attributes: str | None = None,
+        attribute_files: dict | None = None,
     ):
         super().__init__()
         if balance not in BALANCE_MODES:
@@ -121,8 +125,11 @@ class AnimalDataModule(LightningDataModule):
         self.resize_mode = resize_mode
         self.augment = dict(augment or {})
         self.pin_memory = torch.cuda.is_available() if pin_memory == "auto" else bool(pin_memory)
+        self.attributes = attributes
+        self.attribute_files = dict(attribute_files or {})
         self.preprocess: PreprocessSpec | None = None
         self._index: DatasetIndex | None = None
+        self._attribute_table: AttributeTable | None = None
 
     # -- what the rest of the project asks of the data -------------------------------------------------
     def prepare_dataset(self) -> None:
@@ -145,6 +152,37 @@ class AnimalDataModule(LightningDataModule):
     def class_names(self) -> list[str]:
         return list(self.index.class_names)
 
+    @property
+    def attribute_table(self) -> AttributeTable | None:
+        """The class-attribute table of data.attributes (a folder, relative to the data root), or None."""
+        if self.attributes is None:
+            return None
+        if self._attribute_table is None:
+            self.prepare_dataset()
+            folder = Path(self.attributes).expanduser()
+            table = load_attributes(folder if folder.is_absolute() else self.root / folder, self.attribute_files)
+            table.check_covers(self.class_names)
+            unseen = table.unseen(self.class_names)
+            log.info("attributes %s: %d attributes, %d seen classes, %d unseen (zero-shot candidates)%s",
+                     table.source, len(table.predicates), len(self.class_names), len(unseen),
+                     (": " + ", ".join(unseen[:10])) if unseen else "")
+            self._attribute_table = table
+        return self._attribute_table
+
+    def attribute_hparams(self) -> dict | None:
+        """What the model needs of the attribute table (plain data, saved in checkpoints), or None."""
+        table = self.attribute_table
+        return table.to_dict(self.class_names) if table else None
+
+    @property
+    def novel_class_names(self) -> list[str]:
+        """Labelled test classes without training images: the attribute table's unseen classes first (the
+        model's zero-shot order), then any others. Their test labels are len(class_names) + position."""
+        table = self.attribute_table
+        first = table.unseen(self.class_names) if table else []
+        others = sorted({name for _, name in self.index.novel_test} - set(first))
+        return first + others
+
     def loss_weights(self) -> list[float] | None:
         """Inverse-frequency class weights (mean 1) when data.balance=loss_weights, else None."""
         if self.balance != "loss_weights":
@@ -164,7 +202,8 @@ class AnimalDataModule(LightningDataModule):
         return str(path.resolve()) if path.is_file() else None
 
     def use_preprocess(self, spec: PreprocessSpec) -> None:
-        self.preprocess = spec
+        """Take the backbone's spec, with this dataset's resize mode (the model then saves both)."""
+        self.preprocess = replace(spec, resize_mode=self.resize_mode)
 
     # -- Lightning hooks --------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -179,7 +218,9 @@ class AnimalDataModule(LightningDataModule):
         self.train_set = ImageSamples(index.train, train_transform(self.preprocess, resize_mode=self.resize_mode,
                                                                    **self.augment))
         self.val_set = ImageSamples(index.val, evaluation)
-        self.test_set = ImageSamples(index.test, evaluation)
+        offset, novel = len(index.class_names), self.novel_class_names
+        novel_samples = [(path, offset + novel.index(name)) for path, name in index.novel_test]
+        self.test_set = ImageSamples(index.test + novel_samples, evaluation)
 
     def _loader(self, dataset: ImageSamples, batch_size: int, **kwargs) -> DataLoader:
         workers = self.num_workers

@@ -35,6 +35,9 @@ class DatasetIndex:
     test_source: str  # where test samples came from: "test folders", "labels CSV" or "val split"
     val_source: str  # "val folder" or "split of train"
     bad_images: dict[str, str] = field(default_factory=dict)
+    # Labelled test images of classes that have no training folder (path, class name): kept apart,
+    # for open-set and zero-shot evaluation; only a flat test folder scored by a labels CSV has them.
+    novel_test: list[tuple[str, str]] = field(default_factory=list)
 
     def class_counts(self, samples: Sequence[Sample]) -> list[int]:
         counts = [0] * len(self.class_names)
@@ -145,11 +148,13 @@ def index_dataset(root: str | Path, *, val_fraction: float = 0.15, seed: int = 4
     flat_test: list[tuple[Path, str]] = []
     if not test_by_class and test_labels is not None:
         flat_test = _labelled_flat_test(root, test_dir, Path(test_labels), class_names)
+    novel_test = [(p, c) for p, c in flat_test if c not in set(class_names)]
+    flat_test = [(p, c) for p, c in flat_test if c in set(class_names)]
 
     bad: dict[str, str] = {}
     if check_images:
         every = [p for group in (train_by_class, val_by_class, test_by_class) for files in group.values()
-                 for p in files] + [p for p, _ in flat_test]
+                 for p in files] + [p for p, _ in flat_test + novel_test]
         bad = find_bad_images(every)
     if bad:
         first, reason = next(iter(sorted(bad.items())))
@@ -162,6 +167,7 @@ def index_dataset(root: str | Path, *, val_fraction: float = 0.15, seed: int = 4
         val_by_class = _leave_out_bad(val_by_class, bad)
         test_by_class = _leave_out_bad(test_by_class, bad)
         flat_test = [(p, c) for p, c in flat_test if str(p) not in bad]
+        novel_test = [(p, c) for p, c in novel_test if str(p) not in bad]
         _require_usable(train_by_class, train_dir)
     _require_usable(val_by_class, val_dir)
 
@@ -179,12 +185,13 @@ def index_dataset(root: str | Path, *, val_fraction: float = 0.15, seed: int = 4
         test_source = f"flat test folder scored with {test_labels}"
     else:
         test, test_source = list(val), "validation split (no labelled test set)"
-    return DatasetIndex(root, class_names, train, val, test, test_source, val_source, bad)
+    return DatasetIndex(root, class_names, train, val, test, test_source, val_source, bad,
+                        [(str(p), c) for p, c in novel_test])
 
 
 def _labelled_flat_test(root: Path, test_dir: Path, labels_file: Path, class_names: list[str]
                         ) -> list[tuple[Path, str]]:
-    """The flat test folder's images whose label (from the CSV) is a training class."""
+    """The flat test folder's labelled images: those of training classes, and of other (novel) classes."""
     labels_path = labels_file if labels_file.is_absolute() else root / labels_file
     if not labels_path.is_file():
         raise DataError(f"labels file {labels_path} not found: fix data.test_labels or set it to null")
@@ -192,13 +199,14 @@ def _labelled_flat_test(root: Path, test_dir: Path, labels_file: Path, class_nam
     known = set(class_names)
     images = sorted(p for p in test_dir.iterdir() if p.is_file() and is_image_name(p.name)) \
         if test_dir.is_dir() else []
-    pairs = [(p, labels[p.name]) for p in images if labels.get(p.name) in known]
+    pairs = [(p, labels[p.name]) for p in images if p.name in labels]
     unlabelled = sum(1 for p in images if p.name not in labels)
     unseen = sum(1 for p in images if p.name in labels and labels[p.name] not in known)
-    if not pairs:
+    if not any(c in known for _, c in pairs):
         raise DataError(f"labels file {labels_path} labels none of the {len(images)} images in {test_dir} with a "
                         "training class: check its image_id column (file names) or set data.test_labels=null")
     if unlabelled or unseen:
-        log.info("test set from %s: %d images scored, %d without a label, %d of classes not in train/",
-                 labels_path, len(pairs), unlabelled, unseen)
+        log.info("test set from %s: %d images of training classes, %d without a label, %d of classes not in "
+                 "train/ (scored as novel: open-set and zero-shot metrics)", labels_path, len(pairs) - unseen,
+                 unlabelled, unseen)
     return pairs

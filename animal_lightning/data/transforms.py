@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torchvision.transforms import InterpolationMode, v2
@@ -21,11 +21,12 @@ class PreprocessSpec:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
+    resize_mode: str = "crop"  # how evaluation fits the image to the square: crop or squash (data.resize_mode)
 
     def scaled_to(self, input_size: int) -> PreprocessSpec:
         """The same recipe at another input size, keeping the crop ratio (e.g. 224/256)."""
         ratio = self.resize_size / self.input_size
-        return PreprocessSpec(input_size, round(input_size * ratio), self.mean, self.std, self.interpolation)
+        return replace(self, input_size=input_size, resize_size=round(input_size * ratio))
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -33,16 +34,19 @@ class PreprocessSpec:
     @classmethod
     def from_dict(cls, values: dict) -> PreprocessSpec:
         return cls(int(values["input_size"]), int(values["resize_size"]), tuple(values["mean"]),
-                   tuple(values["std"]), str(values.get("interpolation", "bilinear")))
+                   tuple(values["std"]), str(values.get("interpolation", "bilinear")),
+                   str(values.get("resize_mode", "crop")))  # checkpoints from before resize_mode: crop
 
 
 def _tail(spec: PreprocessSpec) -> list:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(spec.mean), list(spec.std))]
 
 
-def eval_transform(spec: PreprocessSpec, resize_mode: str = "crop") -> v2.Compose:
+def eval_transform(spec: PreprocessSpec, resize_mode: str | None = None) -> v2.Compose:
     """crop: shorter side to resize_size, centre crop (torchvision's eval recipe);
-    squash: straight to input_size x input_size, aspect ratio lost (the report's recipe)."""
+    squash: straight to input_size x input_size, aspect ratio lost (the report's recipe).
+    resize_mode None: the spec's own (what the model was trained and validated with)."""
+    resize_mode = resize_mode or spec.resize_mode
     interpolation = InterpolationMode(spec.interpolation)
     if resize_mode == "crop":
         head = [v2.Resize(spec.resize_size, interpolation=interpolation, antialias=True),

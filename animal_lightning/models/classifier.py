@@ -7,6 +7,7 @@ loaded with torch.load(weights_only=True) and still rebuild the model and its pr
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 import re
@@ -23,6 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from animal_lightning.data.transforms import PreprocessSpec
 from animal_lightning.errors import CheckpointError
+from animal_lightning.models import openset
 from animal_lightning.models.backbones import create_backbone
 
 log = logging.getLogger(__name__)
@@ -97,6 +99,10 @@ class AnimalClassifier(LightningModule):
         class_weights: list[float] | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        attributes: dict | None = None,  # AttributeTable.to_dict(seen): adds the zero-shot attribute head
+        attribute_loss_weight: float = 1.0,
+        open_set_score: str = "msp",
+        open_set_keep: float = 0.95,
         load_weights: bool = True,  # False: the checkpoint being restored has the weights; fetch none
     ):
         super().__init__()
@@ -112,13 +118,32 @@ class AnimalClassifier(LightningModule):
             "freeze_backbone_epochs": int(freeze_backbone_epochs), "backbone_lr_mult": float(backbone_lr_mult),
             "label_smoothing": float(label_smoothing),
             "aux_loss_weight": float(aux_loss_weight), "channels_last": bool(channels_last),
-            "class_weights": class_weights,
+            "class_weights": class_weights, "attributes": _plain_attributes(attributes, class_names),
+            "attribute_loss_weight": float(attribute_loss_weight),
+            "open_set_score": str(open_set_score), "open_set_keep": float(open_set_keep),
         })
+        openset.score_index(open_set_score)  # a typo fails here, before any training
+        if not 0.0 < float(open_set_keep) < 1.0:
+            raise ValueError(f"model.open_set_keep={open_set_keep} must be between 0 and 1 (e.g. 0.95)")
         built = create_backbone(backbone, len(class_names), pretrained=pretrained, weights_path=weights_path,
                                 image_size=image_size, load_weights=load_weights)
         self.net = built.net
         self.preprocess: PreprocessSpec = built.spec
         self._head_ids = {id(p) for p in built.head_parameters()}
+        self.calibration: dict | None = None  # open-set and stacking quantiles from the last validation
+        self._stats: list[dict] = []  # per-batch scores gathered over an evaluation epoch
+        self._features: torch.Tensor | None = None
+        attributes = self.hparams.attributes
+        if attributes:
+            # The image features are the classifier head's input: the factory names the head, a hook reads it.
+            head = self.net.get_submodule(built.head_names[0])
+            head.register_forward_hook(self._keep_features)
+            self.attribute_head = nn.Linear(head.in_features, len(attributes["predicates"]))
+            self.attribute_logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+            targets, unit = _attribute_targets(attributes["matrix"])
+            self.register_buffer("attribute_targets", targets, persistent=False)  # in [0, 1], for the BCE loss
+            self.register_buffer("class_attributes", unit, persistent=False)  # unit length, for compatibility
+            self._head_ids |= {id(p) for p in (*self.attribute_head.parameters(), self.attribute_logit_scale)}
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.register_buffer("class_weights", torch.tensor(class_weights) if class_weights else None,
@@ -136,6 +161,16 @@ class AnimalClassifier(LightningModule):
     def class_names(self) -> list[str]:
         return list(self.hparams.class_names)
 
+    @property
+    def unseen_class_names(self) -> list[str]:
+        """Classes known only by their attributes (no training images): zero-shot candidates."""
+        return list(self.hparams.attributes["unseen"]) if self.hparams.attributes else []
+
+    @property
+    def all_class_names(self) -> list[str]:
+        """Seen then unseen: the columns of the compatibility scores and the generalized zero-shot labels."""
+        return self.class_names + self.unseen_class_names
+
     # -- forward and loss ---------------------------------------------------------------------------
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         return images.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else images
@@ -144,6 +179,31 @@ class AnimalClassifier(LightningModule):
         """Class logits; an auxiliary head's output (Inception in training) is not part of the answer."""
         output = self.net(self._prepare(images))
         return output.logits if hasattr(output, "logits") else output
+
+    def _keep_features(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self._features = inputs[0]
+
+    def attribute_logits(self) -> torch.Tensor | None:
+        """After a forward pass: N x attributes logits (each attribute predicted on its own, as in DAP)."""
+        if not self.hparams.attributes:
+            return None
+        return self.attribute_head(self._features.flatten(1)).float()
+
+    def compatibility(self, attribute_logits: torch.Tensor | None = None) -> torch.Tensor | None:
+        """After a forward pass: N x (seen + unseen) attribute-compatibility scores, None without attributes.
+
+        Each attribute is predicted independently (sigmoid, trained by binary cross-entropy against the
+        class's attribute values, which is what lets unseen combinations of known attributes be named),
+        and the cosine between the predicted attribute vector and each class's vector, times a learned
+        temperature, scores the class (trained by cross-entropy over the seen classes).
+        """
+        if attribute_logits is None:
+            attribute_logits = self.attribute_logits()
+        if attribute_logits is None:
+            return None
+        predicted = F.normalize(torch.sigmoid(attribute_logits), dim=1)
+        scale = self.attribute_logit_scale.exp().clamp(max=100.0)
+        return scale * predicted @ self.class_attributes.T
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy against class indices, or against class probabilities (mixed batches)."""
@@ -160,6 +220,15 @@ class AnimalClassifier(LightningModule):
                 loss = loss + self.hparams.aux_loss_weight * self._loss(output.aux_logits, targets)
         else:
             logits, loss = output, self._loss(output, targets)
+        attribute_logits = self.attribute_logits()
+        if attribute_logits is not None:
+            compat = self.compatibility(attribute_logits)
+            class_targets = targets if targets.ndim == 2 else F.one_hot(targets, len(self.class_names)).float()
+            wanted = class_targets @ self.attribute_targets[: len(self.class_names)]  # mixed batches mix attributes
+            attribute_loss = F.binary_cross_entropy_with_logits(attribute_logits, wanted) + \
+                F.cross_entropy(compat[:, : len(self.class_names)], targets)
+            self.log("train/attribute_loss", attribute_loss, on_step=False, on_epoch=True, batch_size=len(targets))
+            loss = loss + self.hparams.attribute_loss_weight * attribute_loss
         hard_targets = targets.argmax(dim=1) if targets.ndim == 2 else targets  # mixup/cutmix: soft targets
         self.train_acc(logits, hard_targets)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(targets))
@@ -167,16 +236,72 @@ class AnimalClassifier(LightningModule):
         return loss
 
     def _evaluate(self, batch, metrics: MetricCollection, stage: str) -> None:
+        """Seen-class metrics on images of training classes; every image's open-set and zero-shot scores kept
+        for the epoch's end (targets >= the number of classes are novel: unseen classes of the test set)."""
         images, targets = batch
         logits = self(images)
-        self.log(f"{stage}/loss", self._loss(logits, targets), on_epoch=True, prog_bar=stage == "val",
-                 batch_size=len(targets))
-        metrics.update(logits, targets)
+        compat = self.compatibility()
+        num_seen = len(self.class_names)
+        seen = targets < num_seen
+        if seen.any():
+            self.log(f"{stage}/loss", self._loss(logits[seen], targets[seen]), on_epoch=True,
+                     prog_bar=stage == "val", batch_size=int(seen.sum()))
+            metrics.update(logits[seen], targets[seen])
+        stats = {"scores": openset.known_scores(logits).cpu(), "predicted": logits.argmax(1).cpu(),
+                 "targets": targets.cpu()}
+        if compat is not None:
+            stats["compat"] = compat.float().cpu()
+        self._stats.append(stats)
+
+    def _gathered(self) -> dict[str, torch.Tensor]:
+        stats, self._stats = self._stats, []
+        return {key: torch.cat([s[key] for s in stats]) for key in stats[0]} if stats else {}
+
+    def _calibrate(self) -> None:
+        """Validation images are all seen: their score distributions set the unknown threshold and penalty."""
+        stats = self._gathered()
+        if not stats:
+            return
+        num_seen = len(self.class_names)
+        compat = stats.get("compat")
+        margins = openset.stacking_margin(compat, num_seen) if compat is not None and self.unseen_class_names \
+            else None
+        self.calibration = openset.calibrate(stats["scores"], margins)
+        if compat is not None:
+            hits = compat[:, :num_seen].argmax(1) == stats["targets"]
+            self.log("val/acc_attributes", hits.float().mean())  # how well attributes alone name seen classes
+
+    def _open_set_metrics(self) -> dict[str, float]:
+        """Test images of classes outside training: AUROC of seen vs novel, and generalized zero-shot
+        accuracy (seen, unseen, their harmonic mean H, per-class averaged as in Xian et al. 2017)."""
+        stats = self._gathered()
+        num_seen = len(self.class_names)
+        if not stats or not (stats["targets"] >= num_seen).any():
+            return {}
+        keep, method = self.hparams.open_set_keep, self.hparams.open_set_score
+        report = openset.open_set_report(stats["scores"], stats["targets"], num_seen, self.calibration, method, keep)
+        values = {"test/auroc_unknown": report["auroc"]}
+        if report.get("novel_flagged_unknown") is not None:
+            values["test/novel_flagged_unknown"] = report["novel_flagged_unknown"]
+        compat = stats.get("compat")
+        if compat is not None and self.unseen_class_names and self.calibration:
+            predicted = openset.gzsl_predict(stats["predicted"], compat, num_seen,
+                                             openset.seen_penalty(self.calibration, keep))
+            n_all = len(self.all_class_names)
+            seen = openset.mean_class_accuracy(predicted, stats["targets"], range(num_seen))
+            unseen = openset.mean_class_accuracy(predicted, stats["targets"], range(num_seen, n_all))
+            values.update({"test/acc_seen": seen, "test/acc_unseen": unseen,
+                           "test/H": openset.harmonic_mean(seen, unseen)})
+        return {name: value for name, value in values.items() if value is not None}
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics, "val")
 
     def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            self._stats = []
+        else:
+            self._calibrate()
         values = self.val_metrics.compute()
         self.val_metrics.reset()
         self.log_dict({name: value for name, value in values.items() if name != "val/acc"})
@@ -190,17 +315,29 @@ class AnimalClassifier(LightningModule):
         self._evaluate(batch, self.test_metrics, "test")
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.test_metrics.compute())
+        if any(metric.update_called for metric in self.test_metrics.values()):
+            self.log_dict(self.test_metrics.compute())
         self.test_metrics.reset()
+        self.log_dict(self._open_set_metrics())
 
     predict_tta: str | None = None  # "hflip": average with the mirrored image (set by prediction)
 
-    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+    def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        """probabilities (N x classes), the three open-set scores (N x 3), and with attributes the
+        compatibility with every seen and unseen class; tta=hflip averages over the mirrored image."""
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        probabilities = torch.softmax(self(images).float(), dim=1)
-        if self.predict_tta == "hflip":
-            probabilities = (probabilities + torch.softmax(self(images.flip(-1)).float(), dim=1)) / 2
-        return probabilities
+        views = [images, images.flip(-1)] if self.predict_tta == "hflip" else [images]
+        probabilities, logits, compat = [], [], []
+        for view in views:
+            out = self(view).float()
+            probabilities.append(torch.softmax(out, dim=1))
+            logits.append(out)
+            compat.append(self.compatibility())
+        result = {"probabilities": torch.stack(probabilities).mean(0),
+                  "scores": openset.known_scores(torch.stack(logits).mean(0))}
+        if compat[0] is not None:
+            result["compat"] = torch.stack(compat).mean(0)
+        return result
 
     # -- fine-tuning: train the new head alone first -------------------------------------------------
     def on_train_epoch_start(self) -> None:
@@ -220,7 +357,7 @@ class AnimalClassifier(LightningModule):
     def configure_optimizers(self):
         if self.optimizer_factory is None:
             raise RuntimeError("AnimalClassifier needs an optimizer factory to train (the optimizer config group)")
-        optimizer = self.optimizer_factory(params=parameter_groups(self.net, self._head_ids,
+        optimizer = self.optimizer_factory(params=parameter_groups(self, self._head_ids,
                                                                    self.hparams.backbone_lr_mult))
         for group in optimizer.param_groups:
             group["lr"] *= group["lr_mult"]
@@ -243,7 +380,11 @@ class AnimalClassifier(LightningModule):
             # where the training data was, so `python predict.py` can default to its test folder
             "data_root": str(Path(datamodule.root).resolve()) if hasattr(datamodule, "root") else None,
             "test_labels": getattr(datamodule, "test_labels_path", None),
+            "calibration": self.calibration,  # open-set threshold and stacking penalty, from validation
         }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.calibration = (checkpoint.get(CHECKPOINT_KEY) or {}).get("calibration")
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike) -> tuple[AnimalClassifier, dict]:
@@ -280,4 +421,31 @@ class AnimalClassifier(LightningModule):
             raise CheckpointError(f"checkpoint {path} does not match its own backbone {hparams.get('backbone')} "
                                   f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})")
         model.preprocess = PreprocessSpec.from_dict(meta["preprocess"])
+        model.calibration = meta.get("calibration")
         return model.eval(), meta
+
+
+def _plain_attributes(attributes: dict | None, class_names: list[str]) -> dict | None:
+    """The attribute table as plain lists (safe to load with weights_only), checked against the classes."""
+    if not attributes:
+        return None
+    seen, unseen = [str(c) for c in attributes["seen"]], [str(c) for c in attributes["unseen"]]
+    if seen != class_names:
+        raise ValueError(f"the attribute table's seen classes {seen[:3]}... differ from the model's "
+                         f"{class_names[:3]}...")
+    matrix = [[float(v) for v in row] for row in attributes["matrix"]]
+    predicates = [str(p) for p in attributes["predicates"]]
+    if len(matrix) != len(seen) + len(unseen) or any(len(row) != len(predicates) for row in matrix):
+        raise ValueError(f"attribute matrix is {len(matrix)} x {len(matrix[0]) if matrix else 0}, expected "
+                         f"{len(seen) + len(unseen)} classes x {len(predicates)} attributes")
+    return {"predicates": predicates, "seen": seen, "unseen": unseen, "matrix": matrix,
+            "source": str(attributes.get("source", ""))}
+
+
+def _attribute_targets(matrix: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class attribute values scaled into [0, 1] (AwA2's continuous matrix runs 0..100, the binary one 0/1),
+    and the same rows at unit length."""
+    values = torch.tensor(matrix, dtype=torch.float32)
+    low, high = float(values.min()), float(values.max())
+    scaled = (values - min(low, 0.0)) / max(high - min(low, 0.0), 1e-12)
+    return scaled, F.normalize(scaled, dim=1)

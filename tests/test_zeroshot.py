@@ -1,0 +1,228 @@
+"""Open-set flags and zero-shot naming from attributes: parsing, calibration, metrics, end to end."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from animal_lightning.data import AnimalDataModule
+from animal_lightning.data.attributes import load_attributes
+from animal_lightning.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
+from animal_lightning.errors import DataError
+from animal_lightning.models import AnimalClassifier, openset
+from animal_lightning.prediction import predict
+from tests.conftest import FAST, compose_config, make_folder
+
+
+def write_awa2(folder: Path, classes: list[str], predicates: list[str], rows: list[list[float]]) -> Path:
+    """Files laid out exactly like AwA2's: right-aligned ids, a tab, then the name; space-padded numbers."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "classes.txt").write_text("".join(f"{i:>6}\t{c}\n" for i, c in enumerate(classes, 1)))
+    (folder / "predicates.txt").write_text("".join(f"{i:>6}\t{p}\n" for i, p in enumerate(predicates, 1)))
+    (folder / "predicate-matrix-continuous.txt").write_text(
+        "".join(" ".join(f"{v:6.2f}" for v in row) + "\n" for row in rows))
+    return folder
+
+
+AWA = {"classes": ["antelope", "grizzly+bear", "killer+whale", "horse"],
+       "predicates": ["black", "white", "stripes", "hooves"],
+       "rows": [[0.0, 12.34, 0.0, 85.5], [39.25, 1.39, 0.0, 0.0], [83.4, 64.1, 0.0, 0.0], [20.0, 10.0, 0.0, 90.1]]}
+
+
+# -- attribute files ---------------------------------------------------------------------------------
+def test_awa2_format_is_parsed(tmp_path):
+    table = load_attributes(write_awa2(tmp_path / "attrs", AWA["classes"], AWA["predicates"], AWA["rows"]))
+    assert table.classes == tuple(AWA["classes"]) and table.predicates == tuple(AWA["predicates"])
+    assert table.matrix[0] == (0.0, 12.34, 0.0, 85.5) and len(table.matrix) == 4
+    assert table.unseen(["antelope", "grizzly+bear", "killer+whale"]) == ["horse"]
+    saved = table.to_dict(["grizzly+bear", "antelope"])  # training order first, then the unseen in table order
+    assert saved["seen"] == ["grizzly+bear", "antelope"] and saved["unseen"] == ["killer+whale", "horse"]
+    assert saved["matrix"][0] == [39.25, 1.39, 0.0, 0.0] and saved["matrix"][3] == [20.0, 10.0, 0.0, 90.1]
+
+
+def test_the_generators_attribute_files_are_parsed(tmp_path):
+    root = ensure_synthetic_dataset(tmp_path, SyntheticSpec(num_classes=4, train_per_class=2, test_per_class=1,
+                                                            image_size=32, unseen_classes=2))
+    table = load_attributes(root / "attributes")
+    seen = sorted(p.name for p in (root / "train").iterdir())
+    unseen = (root / "attributes" / "unseen.txt").read_text().split()
+    assert sorted(table.unseen(seen)) == sorted(unseen) and len(unseen) == 2
+    assert all(sum(row) == pytest.approx(300.0) for row in table.matrix)  # one shape, pattern, colour: 100 each
+
+
+def test_custom_file_names(tmp_path):
+    folder = write_awa2(tmp_path / "attrs", AWA["classes"], AWA["predicates"], AWA["rows"])
+    (folder / "predicate-matrix-continuous.txt").rename(folder / "matrix.txt")
+    with pytest.raises(DataError, match="attribute matrix file .*predicate-matrix-continuous.txt not found"):
+        load_attributes(folder)
+    assert len(load_attributes(folder, {"matrix": "matrix.txt"}).matrix) == 4
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: (f / "predicates.txt").unlink(), "attribute predicates file .*predicates.txt not found: set"),
+    (lambda f: (f / "classes.txt").write_text(""), "classes.txt is empty"),
+    (lambda f: (f / "classes.txt").write_text("1 antelope\n2 antelope\n3 a\n4 b\n"), "lists 'antelope' twice"),
+    (lambda f: (f / "classes.txt").write_text("1 grizzly bear\n"), r"classes.txt line 1 is .*expected '<id> <name>'"),
+    (lambda f: (f / "predicate-matrix-continuous.txt").write_text("1 2 3 4\n" * 3),
+     "has 3 rows but classes.txt lists 4 classes"),
+    (lambda f: (f / "predicate-matrix-continuous.txt").write_text("1 2 3\n" * 4),
+     "line 1 has 3 values but predicates.txt lists 4 attributes"),
+    (lambda f: (f / "predicate-matrix-continuous.txt").write_text("1 2 x 4\n" * 4), "not a number"),
+    (lambda f: (f / "predicate-matrix-continuous.txt").write_text("1 2 nan 4\n" * 4), "NaN or infinite"),
+    (lambda f: (f / "predicate-matrix-continuous.txt").write_text("0 0 0 0\n" + "1 2 3 4\n" * 3), "all zeros"),
+    (lambda f: (f / "classes.txt").write_bytes(b"\xff\xfe\x00bad"), "should be UTF-8 text"),
+])
+def test_each_bad_attribute_file_gets_its_message(tmp_path, damage, message):
+    folder = write_awa2(tmp_path / "attrs", AWA["classes"], AWA["predicates"], AWA["rows"])
+    damage(folder)
+    with pytest.raises(DataError, match=message) as caught:
+        load_attributes(folder)
+    assert "\n" not in str(caught.value)
+
+
+def test_missing_folder_unknown_key_and_uncovered_training_class(tmp_path):
+    with pytest.raises(DataError, match="attribute folder .*nowhere does not exist"):
+        load_attributes(tmp_path / "nowhere")
+    folder = write_awa2(tmp_path / "attrs", AWA["classes"], AWA["predicates"], AWA["rows"])
+    with pytest.raises(DataError, match="unknown key.*labels"):
+        load_attributes(folder, {"labels": "x.txt"})
+    root = make_folder(tmp_path / "ds", {"antelope": 3, "zebra": 3})
+    dm = AnimalDataModule(root, num_workers=0, attributes=str(folder))
+    with pytest.raises(DataError, match="has no row for training class.*zebra: add them"):
+        dm.attribute_hparams()
+
+
+def test_train_py_reports_a_bad_attribute_folder_before_training(compose_cfg, copy_synthetic):
+    from animal_lightning.training import train
+
+    cfg = compose_cfg(f"data.root={copy_synthetic()}", "data.attributes=no_such_folder", *FAST)
+    with pytest.raises(DataError, match="no_such_folder does not exist"):
+        train(cfg)
+
+
+# -- scores, calibration and metrics ------------------------------------------------------------------
+def test_known_scores_agree_with_their_definitions():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.4, 0.3]])
+    scores = openset.known_scores(logits)
+    assert torch.allclose(scores[:, 0], torch.softmax(logits, 1).max(1).values)
+    assert torch.allclose(scores[:, 1], torch.tensor([2.0, 0.5]))
+    assert torch.allclose(scores[:, 2], torch.log(torch.exp(logits).sum(1)))
+
+
+@pytest.mark.parametrize("keep", [0.8, 0.95, 0.99])
+def test_the_calibrated_threshold_keeps_the_target_fraction(keep):
+    generator = torch.Generator().manual_seed(0)
+    validation = torch.randn(4000, 3, generator=generator)
+    calibration = openset.calibrate(validation, validation[:, 0] * 2)
+    for i, method in enumerate(openset.SCORES):
+        kept = (validation[:, i] >= openset.known_threshold(calibration, method, keep)).float().mean()
+        assert float(kept) == pytest.approx(keep, abs=0.005)
+    stays_seen = (validation[:, 0] * 2 >= openset.seen_penalty(calibration, keep)).float().mean()
+    assert float(stays_seen) == pytest.approx(keep, abs=0.005)
+
+
+def test_auroc_equals_a_pairwise_count():
+    generator = torch.Generator().manual_seed(1)
+    scores = torch.randint(0, 6, (60,), generator=generator).float()  # many ties
+    positive = torch.rand(60, generator=generator) > 0.4
+    pairs = [(1.0 if a > b else 0.5 if a == b else 0.0) for a, b in
+             itertools.product(scores[positive].tolist(), scores[~positive].tolist())]
+    assert openset.auroc(scores, positive) == pytest.approx(sum(pairs) / len(pairs))
+    assert openset.auroc(scores, torch.ones(60, dtype=torch.bool)) is None
+
+
+def test_gzsl_prediction_and_harmonic_mean():
+    compat = torch.tensor([[5.0, 1.0, 4.0, 0.0], [3.0, 0.0, 3.5, 0.0], [0.0, 2.0, 0.0, 6.0]])
+    seen_choice = torch.tensor([1, 0, 1])  # the classifier head's answer among the 2 seen classes
+    assert openset.gzsl_predict(seen_choice, compat, 2, penalty=0.0).tolist() == [1, 2, 3]
+    assert openset.gzsl_predict(seen_choice, compat, 2, penalty=-1.0).tolist() == [1, 0, 3]  # a bonus for seen
+    assert openset.gzsl_predict(seen_choice, compat, 2, penalty=2.0).tolist() == [2, 2, 3]
+    predicted, targets = torch.tensor([0, 0, 1, 2, 3, 3]), torch.tensor([0, 0, 1, 2, 2, 3])
+    assert openset.mean_class_accuracy(predicted, targets, [0, 1]) == 1.0
+    assert openset.mean_class_accuracy(predicted, targets, [2, 3]) == pytest.approx(0.75)
+    assert openset.harmonic_mean(1.0, 0.75) == pytest.approx(2 * 0.75 / 1.75)
+    assert openset.harmonic_mean(0.0, 0.0) == 0.0 and openset.harmonic_mean(0.5, None) is None
+
+
+# -- end to end on the demo data with held-out classes ----------------------------------------------
+@pytest.fixture(scope="session")
+def zeroshot(tmp_path_factory) -> dict:
+    """The zero-shot demo as `make demo` would run it: 10 seen classes, 4 attribute combinations held out."""
+    from animal_lightning.training import train
+
+    work = tmp_path_factory.mktemp("zeroshot")
+    cfg = compose_config("train", work, "experiment=demo_zeroshot", f"data.root={work / 'synthetic'}",
+                         "data.num_workers=0", "callbacks.progress_bar=null", "callbacks.model_summary=null")
+    metrics = train(cfg)
+    root = next(p for p in (work / "synthetic").iterdir() if p.is_dir())
+    return {"metrics": metrics, "ckpt": Path(metrics["best_checkpoint"]), "root": root, "work": work}
+
+
+def test_short_training_names_unseen_classes_above_chance(zeroshot):
+    test = zeroshot["metrics"]  # train() returns val/* and test/* metrics in one dict
+    # 14 candidates: a guess would name the right one of the 4 unseen classes 1/14 of the time.
+    assert test["test/acc_unseen"] > 0.25 and test["test/H"] > 0.2
+    assert test["test/acc_seen"] > 0.6 and test["test/auroc_unknown"] > 0.6
+    assert test["val/acc_attributes"] > 0.5
+
+
+def test_the_checkpoint_carries_attributes_and_calibration(zeroshot):
+    model, meta = AnimalClassifier.from_checkpoint(zeroshot["ckpt"])
+    unseen = (zeroshot["root"] / "attributes" / "unseen.txt").read_text().split()
+    assert sorted(model.unseen_class_names) == sorted(unseen) and len(model.class_names) == 10
+    attributes = model.hparams.attributes
+    assert len(attributes["matrix"]) == 14 and len(attributes["predicates"]) == 14
+    calibration = meta["calibration"]
+    assert set(calibration["score_quantiles"]) == set(openset.SCORES) and calibration["margin_quantiles"]
+    assert calibration["images"] == 10 * 15  # the 15% validation split of 100 images per class
+
+
+def test_prediction_flags_unknowns_and_names_unseen_classes(zeroshot, tmp_path, capsys):
+    cfg = compose_config("predict", tmp_path, f"ckpt_path={zeroshot['ckpt']}", "progress=false", "num_workers=0")
+    summary = predict(cfg)  # no input: the training root's test folder, scored by its labels CSV
+    with (tmp_path / "run" / "predictions.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0])[:5] == ["image_id", "class", "confidence", "known_score", "open_set"]
+    labels = {r["image_id"]: r["class"] for r in csv.DictReader((zeroshot["root"] / "test_labels.csv").open())}
+    model, _ = AnimalClassifier.from_checkpoint(zeroshot["ckpt"])
+    unseen = set(model.unseen_class_names)
+    named = [r for r in rows if r["class"] in unseen]
+    right = [r for r in named if labels[r["image_id"]] == r["class"]]
+    assert len(right) >= 10  # unseen classes are named, and mostly rightly
+    assert {r["open_set"] for r in rows} == {"known", "unknown"}
+    novel = [r for r in rows if labels[r["image_id"]] in unseen]
+    flagged_novel = sum(r["open_set"] == "unknown" for r in novel) / len(novel)
+    flagged_seen = sum(r["open_set"] == "unknown" for r in rows if r not in novel) / (len(rows) - len(novel))
+    assert flagged_novel > flagged_seen
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    zs = metrics["zero_shot"]
+    assert zs["acc_unseen"] == pytest.approx(summary["zero_shot"]["acc_unseen"]) and zs["H"] > 0
+    # the same model and calibration, computed by the test phase and by predict.py, agree
+    assert zs["acc_unseen"] == pytest.approx(zeroshot["metrics"]["test/acc_unseen"], abs=1e-6)
+    out = capsys.readouterr().out
+    assert "Zero-shot (per-class): seen" in out and "Open set (msp): AUROC" in out
+
+
+def test_prediction_options_change_the_decisions(zeroshot, tmp_path):
+    def unseen_named(*overrides: str) -> int:
+        predict(compose_config("predict", tmp_path, f"ckpt_path={zeroshot['ckpt']}", "progress=false",
+                               "num_workers=0", *overrides))
+        with (tmp_path / "run" / "predictions.csv").open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        model, _ = AnimalClassifier.from_checkpoint(zeroshot["ckpt"])
+        return sum(r["class"] in model.unseen_class_names for r in rows), sum(r["open_set"] == "unknown"
+                                                                              for r in rows), len(rows)
+
+    default_named, default_flagged, images = unseen_named()
+    assert images == 14 * 20
+    assert unseen_named("seen_penalty=-1000")[0] == 0  # a huge bonus for seen classes: nothing unseen named
+    assert unseen_named("seen_penalty=1000")[0] == images  # a huge penalty: everything unseen
+    assert unseen_named("keep_known=0.5")[1] > default_flagged
+    with pytest.raises(DataError, match="open_set_score='softmax' is not one of"):
+        unseen_named("open_set_score=softmax")
+    assert 0 < default_named < images
