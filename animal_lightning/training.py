@@ -17,7 +17,7 @@ import lightning.pytorch as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
@@ -154,6 +154,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
     test_metrics: dict[str, float] = {}
     if cfg.get("test", True):
+        # Restoring best.ckpt with Lightning's weight-averaging callback still attached would put the raw weights
+        # back; test the averaged ones, which validation scored and the checkpoint holds (as prediction does).
+        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, WeightAveraging)]
         trainer.test(model=model, datamodule=datamodule, ckpt_path=best, weights_only=True)
         test_metrics = _plain(trainer.callback_metrics, "test/")
 

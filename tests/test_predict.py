@@ -267,3 +267,9 @@ def test_prediction_resizes_images_the_way_training_evaluated_them(trained, tmp_
     tensor, error = ImageFiles([path], model.preprocess)[0]
     assert error == "" and torch.equal(tensor, eval_transform(model.preprocess, "squash")(load_rgb(path)))
     assert not torch.equal(tensor, eval_transform(model.preprocess, "crop")(load_rgb(path)))
+
+
+def test_lightnings_own_loader_restores_the_preprocessing_too(trained):
+    model = AnimalClassifier.load_from_checkpoint(trained["ckpt"], weights_only=True)
+    assert model.preprocess == AnimalClassifier.from_checkpoint(trained["ckpt"])[0].preprocess
+    assert model.preprocess.resize_mode == "squash"

@@ -123,3 +123,27 @@ def test_batch_size_finder_needs_a_gpu(compose_cfg, copy_synthetic):
 
     with pytest.raises(ModelConfigError, match="tune.batch_size=true needs a GPU"):
         train(compose_cfg(f"data.root={copy_synthetic()}", *TINY, "tune.batch_size=true", "trainer=cpu"))
+
+
+def test_the_test_phase_scores_the_averaged_weights(compose_cfg, copy_synthetic, monkeypatch):
+    tested = []
+    monkeypatch.setattr(AnimalClassifier, "on_test_epoch_start",
+                        lambda self: tested.append(self.net.conv1.weight.detach().clone()), raising=False)
+    cfg = compose_cfg(f"data.root={copy_synthetic()}", *TINY, "test=true", "callbacks=ema",
+                      "callbacks.ema.decay=0.5", "optimizer.lr=0.05")
+    metrics = train(cfg)
+    checkpoint = torch.load(metrics["best_checkpoint"], weights_only=True)
+    averaged, raw = checkpoint["state_dict"]["net.conv1.weight"], checkpoint["current_model_state"]["net.conv1.weight"]
+    assert not torch.allclose(averaged, raw)
+    assert len(tested) == 1 and torch.equal(tested[0], averaged)  # not the raw weights the callback would restore
+
+
+def test_the_training_crop_never_goes_below_the_backbones_minimum():
+    from PIL import Image
+
+    from animal_lightning.models import preprocess_spec
+
+    image = Image.new("RGB", (400, 360), (120, 80, 40))
+    inception = preprocess_spec("inception_v3")  # its auxiliary classifier fails below 299 px
+    assert train_transform(inception, train_crop_ratio=0.875)(image).shape == (3, 299, 299)
+    assert train_transform(preprocess_spec("resnet50"), train_crop_ratio=0.875)(image).shape == (3, 196, 196)

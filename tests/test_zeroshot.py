@@ -69,9 +69,9 @@ def test_custom_file_names(tmp_path):
     (lambda f: (f / "classes.txt").write_text("1 antelope\n2 antelope\n3 a\n4 b\n"), "lists 'antelope' twice"),
     (lambda f: (f / "classes.txt").write_text("1 grizzly bear\n"), r"classes.txt line 1 is .*expected '<id> <name>'"),
     (lambda f: (f / "predicate-matrix-continuous.txt").write_text("1 2 3 4\n" * 3),
-     "has 3 rows but classes.txt lists 4 classes"),
+     "has 3 rows but .*attrs/classes.txt lists 4 classes"),
     (lambda f: (f / "predicate-matrix-continuous.txt").write_text("1 2 3\n" * 4),
-     "line 1 has 3 values but predicates.txt lists 4 attributes"),
+     "line 1 has 3 values but .*attrs/predicates.txt lists 4 attributes"),
     (lambda f: (f / "predicate-matrix-continuous.txt").write_text("1 2 x 4\n" * 4), "not a number"),
     (lambda f: (f / "predicate-matrix-continuous.txt").write_text("1 2 nan 4\n" * 4), "NaN or infinite"),
     (lambda f: (f / "predicate-matrix-continuous.txt").write_text("0 0 0 0\n" + "1 2 3 4\n" * 3), "all zeros"),
@@ -226,3 +226,31 @@ def test_prediction_options_change_the_decisions(zeroshot, tmp_path):
     with pytest.raises(DataError, match="open_set_score='softmax' is not one of"):
         unseen_named("open_set_score=softmax")
     assert 0 < default_named < images
+
+
+def test_novel_and_blank_labels_in_a_labels_csv(tmp_path):
+    from animal_lightning.data.folders import index_dataset
+    from tests.conftest import write_image
+
+    root = make_folder(tmp_path / "ds", {"antelope": 3, "horse": 3})
+    for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
+        write_image(root / "test" / name)
+    (root / "labels.csv").write_text("image_id,class\na.jpg,antelope\nb.jpg,zebra\nc.jpg,\n")  # d.jpg: no row
+    index = index_dataset(root, test_labels="labels.csv")
+    assert [Path(p).name for p, _ in index.test] == ["a.jpg"]
+    assert [(Path(p).name, c) for p, c in index.novel_test] == [("b.jpg", "zebra")]  # blank c.jpg: unlabelled
+    dm = AnimalDataModule(root, num_workers=0, test_labels="labels.csv")
+    dm.use_preprocess(AnimalClassifier(dm.class_names, backbone="resnet18", pretrained=False, image_size=32).preprocess)
+    dm.setup("test")
+    assert sorted(label for _, label in dm.test_set.samples) == [0, 2]  # zebra: first novel class, after 2 seen
+
+
+def test_bad_open_set_settings_are_one_line_errors(compose_cfg, copy_synthetic):
+    from animal_lightning.errors import ModelConfigError
+    from animal_lightning.training import train
+
+    root = copy_synthetic()
+    for override, message in (("model.open_set_score=softmax", "model.open_set_score='softmax' is not one of"),
+                              ("model.open_set_keep=1.5", "model.open_set_keep=1.5 must be between 0 and 1")):
+        with pytest.raises(ModelConfigError, match=message):
+            train(compose_cfg(f"data.root={root}", override, *FAST))

@@ -81,7 +81,7 @@ def _read_names(path: Path, what: str, setting: str) -> tuple[str, ...]:
                             "(names use + for spaces, as in grizzly+bear)")
         names.append(parts[-1])
     if not names:
-        raise DataError(f"attribute {what} file {path} is empty: it needs one {what[:-1]} per line")
+        raise DataError(f"attribute {what} file {path} is empty: it needs one name per line")
     seen: set[str] = set()
     for name in names:
         if name in seen:
@@ -90,7 +90,7 @@ def _read_names(path: Path, what: str, setting: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _read_matrix(path: Path, n_rows: int, n_cols: int, files: Mapping[str, str]) -> tuple[tuple[float, ...], ...]:
+def _read_matrix(path: Path, n_rows: int, n_cols: int, files: Mapping[str, Path]) -> tuple[tuple[float, ...], ...]:
     lines = _read_lines(path, "matrix", "data.attribute_files.matrix")
     if len(lines) != n_rows:
         raise DataError(f"attribute matrix {path} has {len(lines)} rows but {files['classes']} lists {n_rows} "
@@ -127,5 +127,6 @@ def load_attributes(folder: str | os.PathLike, files: Mapping[str, str] | None =
                         "folder with classes.txt, predicates.txt and predicate-matrix-continuous.txt")
     classes = _read_names(folder / names["classes"], "classes", "data.attribute_files.classes")
     predicates = _read_names(folder / names["predicates"], "predicates", "data.attribute_files.predicates")
-    matrix = _read_matrix(folder / names["matrix"], len(classes), len(predicates), names)
+    matrix = _read_matrix(folder / names["matrix"], len(classes), len(predicates),
+                          {"classes": folder / names["classes"], "predicates": folder / names["predicates"]})
     return AttributeTable(classes, predicates, matrix, source=str(folder / names["classes"]))

@@ -88,7 +88,8 @@ def read_labels_csv(path: Path) -> dict[str, str]:
             reader = csv.DictReader(handle)
             if not reader.fieldnames or not {"image_id", "class"} <= set(reader.fieldnames):
                 raise DataError(f"labels file {path} needs a header with image_id,class (found {reader.fieldnames})")
-            return {row["image_id"]: row["class"] for row in reader}
+            # a blank class means "not labelled", like a missing row
+            return {row["image_id"]: row["class"] for row in reader if (row["class"] or "").strip()}
     except OSError as error:
         raise DataError(f"cannot read labels file {path}: {error.strerror}; fix data.test_labels") from error
 

@@ -22,6 +22,7 @@ class PreprocessSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
     resize_mode: str = "crop"  # how evaluation fits the image to the square: crop or squash (data.resize_mode)
+    min_input_size: int = 16  # the smallest input the network accepts (Inception v3 in training: 299)
 
     def scaled_to(self, input_size: int) -> PreprocessSpec:
         """The same recipe at another input size, keeping the crop ratio (e.g. 224/256)."""
@@ -35,7 +36,8 @@ class PreprocessSpec:
     def from_dict(cls, values: dict) -> PreprocessSpec:
         return cls(int(values["input_size"]), int(values["resize_size"]), tuple(values["mean"]),
                    tuple(values["std"]), str(values.get("interpolation", "bilinear")),
-                   str(values.get("resize_mode", "crop")))  # checkpoints from before resize_mode: crop
+                   str(values.get("resize_mode", "crop")),  # checkpoints from before resize_mode: crop
+                   int(values.get("min_input_size", 16)))
 
 
 def _tail(spec: PreprocessSpec) -> list:
@@ -77,7 +79,8 @@ def train_transform(spec: PreprocessSpec, *, augment: bool = True, crop_scale: S
     if not augment:
         return eval_transform(spec, resize_mode)
     interpolation = InterpolationMode(spec.interpolation)
-    size = max(16, round(spec.input_size * train_crop_ratio))
+    # never below the backbone's minimum: Inception's auxiliary head fails on crops under 299 px
+    size = max(spec.min_input_size, round(spec.input_size * train_crop_ratio))
     steps: list = [v2.RandomResizedCrop(size, scale=tuple(crop_scale), interpolation=interpolation, antialias=True)]
     if hflip:
         steps.append(v2.RandomHorizontalFlip())

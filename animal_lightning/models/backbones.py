@@ -67,11 +67,12 @@ def recipe_for(name: str) -> Recipe:
 def preprocess_spec(name: str, image_size: int | None = None) -> PreprocessSpec:
     """The backbone's own preprocessing (from its weights metadata), optionally at another input size."""
     meta = recipe_for(name).weights.DEFAULT.transforms()
+    minimum = recipe_for(name).min_input_size
     spec = PreprocessSpec(input_size=int(meta.crop_size[0]), resize_size=int(meta.resize_size[0]),
-                          mean=tuple(meta.mean), std=tuple(meta.std), interpolation=meta.interpolation.value)
+                          mean=tuple(meta.mean), std=tuple(meta.std), interpolation=meta.interpolation.value,
+                          min_input_size=minimum)
     if image_size is None:
         return spec
-    minimum = recipe_for(name).min_input_size
     if int(image_size) < minimum:
         raise ModelConfigError(f"model.image_size={image_size} is too small for {name}: use at least {minimum}")
     return spec.scaled_to(int(image_size))

@@ -23,7 +23,7 @@ from torchmetrics import MaxMetric, Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from animal_lightning.data.transforms import PreprocessSpec
-from animal_lightning.errors import CheckpointError
+from animal_lightning.errors import CheckpointError, ModelConfigError
 from animal_lightning.models import openset
 from animal_lightning.models.backbones import create_backbone
 
@@ -122,9 +122,11 @@ class AnimalClassifier(LightningModule):
             "attribute_loss_weight": float(attribute_loss_weight),
             "open_set_score": str(open_set_score), "open_set_keep": float(open_set_keep),
         })
-        openset.score_index(open_set_score)  # a typo fails here, before any training
+        if open_set_score not in openset.SCORES:  # a typo fails here, before any training
+            raise ModelConfigError(f"model.open_set_score={open_set_score!r} is not one of: "
+                                   f"{', '.join(openset.SCORES)}")
         if not 0.0 < float(open_set_keep) < 1.0:
-            raise ValueError(f"model.open_set_keep={open_set_keep} must be between 0 and 1 (e.g. 0.95)")
+            raise ModelConfigError(f"model.open_set_keep={open_set_keep} must be between 0 and 1 (e.g. 0.95)")
         built = create_backbone(backbone, len(class_names), pretrained=pretrained, weights_path=weights_path,
                                 image_size=image_size, load_weights=load_weights)
         self.net = built.net
@@ -187,7 +189,10 @@ class AnimalClassifier(LightningModule):
         """After a forward pass: N x attributes logits (each attribute predicted on its own, as in DAP)."""
         if not self.hparams.attributes:
             return None
-        return self.attribute_head(self._features.flatten(1)).float()
+        features, self._features = self._features, None  # no activations (or autograd graph) kept past their use
+        if features is None:
+            raise RuntimeError("attribute_logits() reads the features of the last forward pass: call the model first")
+        return self.attribute_head(features.flatten(1)).float()
 
     def compatibility(self, attribute_logits: torch.Tensor | None = None) -> torch.Tensor | None:
         """After a forward pass: N x (seen + unseen) attribute-compatibility scores, None without attributes.
@@ -201,9 +206,10 @@ class AnimalClassifier(LightningModule):
             attribute_logits = self.attribute_logits()
         if attribute_logits is None:
             return None
-        predicted = F.normalize(torch.sigmoid(attribute_logits), dim=1)
-        scale = self.attribute_logit_scale.exp().clamp(max=100.0)
-        return scale * predicted @ self.class_attributes.T
+        with torch.autocast(self.device.type, enabled=False):  # fp32: bf16 would round the stacking margins
+            predicted = F.normalize(torch.sigmoid(attribute_logits.float()), dim=1)
+            scale = self.attribute_logit_scale.float().exp().clamp(max=100.0)
+            return scale * predicted @ self.class_attributes.T
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy against class indices, or against class probabilities (mixed batches)."""
@@ -254,7 +260,12 @@ class AnimalClassifier(LightningModule):
         self._stats.append(stats)
 
     def _gathered(self) -> dict[str, torch.Tensor]:
+        """This epoch's per-image scores from every process (DDP), so each rank calibrates on all images."""
         stats, self._stats = self._stats, []
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            everyone: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(everyone, stats)
+            stats = [batch for rank in everyone for batch in rank]
         return {key: torch.cat([s[key] for s in stats]) for key in stats[0]} if stats else {}
 
     def _calibrate(self) -> None:
@@ -384,7 +395,10 @@ class AnimalClassifier(LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.calibration = (checkpoint.get(CHECKPOINT_KEY) or {}).get("calibration")
+        meta = checkpoint.get(CHECKPOINT_KEY) or {}
+        self.calibration = meta.get("calibration")
+        if meta.get("preprocess"):
+            self.preprocess = PreprocessSpec.from_dict(meta["preprocess"])  # with its resize mode
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike) -> tuple[AnimalClassifier, dict]:
@@ -430,14 +444,15 @@ def _plain_attributes(attributes: dict | None, class_names: list[str]) -> dict |
     if not attributes:
         return None
     seen, unseen = [str(c) for c in attributes["seen"]], [str(c) for c in attributes["unseen"]]
+    source = attributes.get("source") or "the attribute table"
     if seen != class_names:
-        raise ValueError(f"the attribute table's seen classes {seen[:3]}... differ from the model's "
-                         f"{class_names[:3]}...")
+        raise ModelConfigError(f"{source}: its seen classes {seen[:3]}... differ from the model's "
+                               f"{class_names[:3]}...; pass the table made for these training classes")
     matrix = [[float(v) for v in row] for row in attributes["matrix"]]
     predicates = [str(p) for p in attributes["predicates"]]
     if len(matrix) != len(seen) + len(unseen) or any(len(row) != len(predicates) for row in matrix):
-        raise ValueError(f"attribute matrix is {len(matrix)} x {len(matrix[0]) if matrix else 0}, expected "
-                         f"{len(seen) + len(unseen)} classes x {len(predicates)} attributes")
+        raise ModelConfigError(f"{source}: attribute matrix is {len(matrix)} x {len(matrix[0]) if matrix else 0}, "
+                               f"expected {len(seen) + len(unseen)} classes x {len(predicates)} attributes")
     return {"predicates": predicates, "seen": seen, "unseen": unseen, "matrix": matrix,
             "source": str(attributes.get("source", ""))}
 
