@@ -211,7 +211,7 @@ def decide(model: AnimalClassifier, outputs: dict[str, torch.Tensor], *, score: 
     if not 0.0 < keep < 1.0:
         raise DataError(f"keep_known={keep} must be between 0 and 1 (e.g. 0.95)")
     probabilities = outputs["probabilities"]
-    known = outputs["scores"][:, openset.score_index(score)]
+    known = outputs["scores"][:, openset.SCORES.index(score)]
     calibration = model.calibration
     threshold = openset.known_threshold(calibration, score, keep) if calibration else None
     confidence, predicted = probabilities.max(dim=1) if len(probabilities) else (torch.zeros(0), torch.zeros(0))
@@ -302,20 +302,12 @@ def open_set_scores(inputs: Inputs, decisions: Decisions, errors: Sequence[str],
     if not keep:
         return {}
     targets = torch.tensor([position.get(inputs.labels[n], novel_unnamed) for n in keep], dtype=torch.long)
-    report: dict = {"score": decisions.score, "keep": decisions.keep, "threshold": decisions.threshold,
-                    "auroc": openset.auroc(decisions.known_score[keep], targets < num_seen)}
-    if decisions.unknown is not None:
-        flagged = decisions.unknown[keep]
-        seen = targets < num_seen
-        report["seen_flagged_unknown"] = float(flagged[seen].float().mean()) if seen.any() else None
-        report["novel_flagged_unknown"] = float(flagged[~seen].float().mean()) if (~seen).any() else None
-    result = {"open_set": report}
+    report = openset.open_set_report(decisions.known_score[keep], targets, num_seen, decisions.threshold)
+    result = {"open_set": {"score": decisions.score, "keep": decisions.keep, "threshold": decisions.threshold,
+                           **report}}
     if decisions.penalty is not None:
-        predicted = decisions.predicted[keep]
-        acc_seen = openset.mean_class_accuracy(predicted, targets, range(num_seen))
-        acc_unseen = openset.mean_class_accuracy(predicted, targets, range(num_seen, len(decisions.names)))
-        result["zero_shot"] = {"seen_penalty": decisions.penalty, "acc_seen": acc_seen, "acc_unseen": acc_unseen,
-                               "H": openset.harmonic_mean(acc_seen, acc_unseen)}
+        zero_shot = openset.zero_shot_report(decisions.predicted[keep], targets, num_seen, len(decisions.names))
+        result["zero_shot"] = {"seen_penalty": decisions.penalty, **zero_shot}
     return result
 
 

@@ -214,9 +214,8 @@ class AnimalDataModule(LightningDataModule):
             raise RuntimeError("AnimalDataModule.use_preprocess(spec) must be called before setup: "
                                "the transforms follow the backbone's preprocessing spec")
         index = self.index
-        evaluation = eval_transform(self.preprocess, self.resize_mode)
-        self.train_set = ImageSamples(index.train, train_transform(self.preprocess, resize_mode=self.resize_mode,
-                                                                   **self.augment))
+        evaluation = eval_transform(self.preprocess)  # the spec carries data.resize_mode (use_preprocess)
+        self.train_set = ImageSamples(index.train, train_transform(self.preprocess, **self.augment))
         self.val_set = ImageSamples(index.val, evaluation)
         offset, novel = len(index.class_names), self.novel_class_names
         novel_samples = [(path, offset + novel.index(name)) for path, name in index.novel_test]

@@ -149,8 +149,9 @@ def index_dataset(root: str | Path, *, val_fraction: float = 0.15, seed: int = 4
     flat_test: list[tuple[Path, str]] = []
     if not test_by_class and test_labels is not None:
         flat_test = _labelled_flat_test(root, test_dir, Path(test_labels), class_names)
-    novel_test = [(p, c) for p, c in flat_test if c not in set(class_names)]
-    flat_test = [(p, c) for p, c in flat_test if c in set(class_names)]
+    known = set(class_names)
+    novel_test = [(p, c) for p, c in flat_test if c not in known]
+    flat_test = [(p, c) for p, c in flat_test if c in known]
 
     bad: dict[str, str] = {}
     if check_images:

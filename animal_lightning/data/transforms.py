@@ -65,7 +65,7 @@ POLICIES = ("trivial_augment", "randaugment", "none")
 
 def train_transform(spec: PreprocessSpec, *, augment: bool = True, crop_scale: Sequence[float] = (0.08, 1.0),
                     hflip: bool = True, policy: str = "trivial_augment", random_erasing: float = 0.0,
-                    train_crop_ratio: float = 1.0, resize_mode: str = "crop", **batch_level) -> v2.Compose:
+                    train_crop_ratio: float = 1.0, **batch_level) -> v2.Compose:
     """RandomResizedCrop + flip + an auto-augment policy + random erasing; augment=False: the eval transform.
 
     train_crop_ratio < 1 trains on smaller crops than the evaluation crop (FixRes, as in torchvision's
@@ -77,7 +77,7 @@ def train_transform(spec: PreprocessSpec, *, augment: bool = True, crop_scale: S
     if not 0.0 <= random_erasing <= 1.0:
         raise ValueError(f"data.augment.random_erasing={random_erasing} must be a probability in [0, 1]")
     if not augment:
-        return eval_transform(spec, resize_mode)
+        return eval_transform(spec)
     interpolation = InterpolationMode(spec.interpolation)
     # never below the backbone's minimum: Inception's auxiliary head fails on crops under 299 px
     size = max(spec.min_input_size, round(spec.input_size * train_crop_ratio))

@@ -290,20 +290,16 @@ class AnimalClassifier(LightningModule):
         if not stats or not (stats["targets"] >= num_seen).any():
             return {}
         keep, method = self.hparams.open_set_keep, self.hparams.open_set_score
-        report = openset.open_set_report(stats["scores"], stats["targets"], num_seen, self.calibration, method, keep)
-        values = {"test/auroc_unknown": report["auroc"]}
-        if report.get("novel_flagged_unknown") is not None:
-            values["test/novel_flagged_unknown"] = report["novel_flagged_unknown"]
+        threshold = openset.known_threshold(self.calibration, method, keep) if self.calibration else None
+        known_score = stats["scores"][:, openset.SCORES.index(method)]
+        report = openset.open_set_report(known_score, stats["targets"], num_seen, threshold)
+        values = {"auroc_unknown": report["auroc"], "novel_flagged_unknown": report.get("novel_flagged_unknown")}
         compat = stats.get("compat")
         if compat is not None and self.unseen_class_names and self.calibration:
             predicted = openset.gzsl_predict(stats["predicted"], compat, num_seen,
                                              openset.seen_penalty(self.calibration, keep))
-            n_all = len(self.all_class_names)
-            seen = openset.mean_class_accuracy(predicted, stats["targets"], range(num_seen))
-            unseen = openset.mean_class_accuracy(predicted, stats["targets"], range(num_seen, n_all))
-            values.update({"test/acc_seen": seen, "test/acc_unseen": unseen,
-                           "test/H": openset.harmonic_mean(seen, unseen)})
-        return {name: value for name, value in values.items() if value is not None}
+            values.update(openset.zero_shot_report(predicted, stats["targets"], num_seen, len(self.all_class_names)))
+        return {f"test/{name}": value for name, value in values.items() if value is not None}
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics, "val")

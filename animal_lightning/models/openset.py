@@ -30,12 +30,6 @@ def known_scores(logits: torch.Tensor) -> torch.Tensor:
                         torch.logsumexp(logits, dim=1)], dim=1)
 
 
-def score_index(method: str) -> int:
-    if method not in SCORES:
-        raise ValueError(f"open-set score {method!r} is not one of: {', '.join(SCORES)}")
-    return SCORES.index(method)
-
-
 def stacking_margin(compat: torch.Tensor, num_seen: int) -> torch.Tensor:
     """Best seen-class compatibility minus best unseen-class compatibility, per image."""
     return compat[:, :num_seen].amax(dim=1) - compat[:, num_seen:].amax(dim=1)
@@ -123,16 +117,22 @@ def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float | None:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def open_set_report(scores: torch.Tensor, targets: torch.Tensor, num_seen: int, calibration: dict | None,
-                    method: str, keep: float) -> dict:
-    """AUROC of seen vs novel images and the fraction of each flagged unknown at the calibrated threshold."""
+def open_set_report(known_score: torch.Tensor, targets: torch.Tensor, num_seen: int,
+                    threshold: float | None) -> dict:
+    """AUROC of seen (targets < num_seen) vs novel images, and the share of each flagged unknown
+    (known_score below threshold; None without a calibration)."""
     known = targets < num_seen
-    column = scores[:, score_index(method)]
-    report: dict = {"score": method, "keep": keep, "auroc": auroc(column, known)}
-    if calibration:
-        threshold = known_threshold(calibration, method, keep)
-        flagged = column < threshold
-        report["threshold"] = threshold
+    report: dict = {"auroc": auroc(known_score, known)}
+    if threshold is not None:
+        flagged = known_score < threshold
         report["seen_flagged_unknown"] = float(flagged[known].float().mean()) if known.any() else None
         report["novel_flagged_unknown"] = float(flagged[~known].float().mean()) if (~known).any() else None
     return report
+
+
+def zero_shot_report(predicted: torch.Tensor, targets: torch.Tensor, num_seen: int, num_classes: int) -> dict:
+    """Generalized zero-shot accuracy over seen + unseen classes: seen, unseen and their harmonic mean H,
+    each per-class averaged (Xian et al. 2017). Targets >= num_classes (novel, unnamed) count in neither."""
+    seen = mean_class_accuracy(predicted, targets, range(num_seen))
+    unseen = mean_class_accuracy(predicted, targets, range(num_seen, num_classes))
+    return {"acc_seen": seen, "acc_unseen": unseen, "H": harmonic_mean(seen, unseen)}
