@@ -254,3 +254,45 @@ def test_bad_open_set_settings_are_one_line_errors(compose_cfg, copy_synthetic):
                               ("model.open_set_keep=1.5", "model.open_set_keep=1.5 must be between 0 and 1")):
         with pytest.raises(ModelConfigError, match=message):
             train(compose_cfg(f"data.root={root}", override, *FAST))
+
+
+def small_attribute_model(**kwargs) -> AnimalClassifier:
+    table = {"predicates": ["p", "q", "r"], "seen": ["a", "b"], "unseen": ["c"],
+             "matrix": [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], "source": "attrs/classes.txt"}
+    return AnimalClassifier(["a", "b"], backbone="resnet18", pretrained=False, image_size=32,
+                            attributes={**table, **kwargs})
+
+
+def test_compatibility_is_fp32_under_bf16_and_features_are_not_kept():
+    model = small_attribute_model().eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randn(2, 3, 32, 32))
+        compat = model.compatibility()
+    assert logits.dtype == torch.bfloat16 and compat.dtype == torch.float32 and compat.shape == (2, 3)
+    assert model._features is None  # read once, then dropped (no activations or graph held between batches)
+    with pytest.raises(RuntimeError, match="call the model first"):
+        model.compatibility()
+
+
+def test_an_attribute_table_that_does_not_fit_the_model_is_a_one_line_error():
+    from animal_lightning.errors import ModelConfigError
+
+    with pytest.raises(ModelConfigError, match=r"attrs/classes.txt: its seen classes \['x', 'y'\]"):
+        small_attribute_model(seen=["x", "y"])
+    with pytest.raises(ModelConfigError, match="attrs/classes.txt: attribute matrix is 3 x 2, expected 3 classes x 3"):
+        small_attribute_model(matrix=[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+
+
+def test_decisions_need_a_calibration_and_a_sane_keep(zeroshot):
+    from animal_lightning.errors import CheckpointError
+    from animal_lightning.prediction import decide
+
+    model, _ = AnimalClassifier.from_checkpoint(zeroshot["ckpt"])
+    outputs = {"probabilities": torch.full((2, 10), 0.1), "scores": torch.zeros(2, 3), "compat": torch.zeros(2, 14)}
+    with pytest.raises(DataError, match="keep_known=1.5 must be between 0 and 1"):
+        decide(model, outputs, keep=1.5)
+    assert decide(model, outputs, penalty=0.0).penalty == 0.0
+    model.calibration = None  # a checkpoint saved before any validation
+    with pytest.raises(CheckpointError, match="no zero-shot calibration.*seen_penalty=<number>"):
+        decide(model, outputs)
+    assert decide(model, outputs, penalty=1.0).unknown is None  # no threshold either: the flag stays empty
