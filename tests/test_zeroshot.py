@@ -296,3 +296,23 @@ def test_decisions_need_a_calibration_and_a_sane_keep(zeroshot):
     with pytest.raises(CheckpointError, match="no zero-shot calibration.*seen_penalty=<number>"):
         decide(model, outputs)
     assert decide(model, outputs, penalty=1.0).unknown is None  # no threshold either: the flag stays empty
+
+
+def _gather_on_rank(rank: int, store: str, out: str) -> None:
+    from types import SimpleNamespace
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        holder = SimpleNamespace(_stats=[{"scores": torch.full((rank + 1, 3), float(rank))}])
+        gathered = AnimalClassifier._gathered(holder)
+        torch.save(gathered["scores"], f"{out}.{rank}")
+        assert holder._stats == []
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_ranks_calibrate_on_every_ranks_images(tmp_path):
+    torch.multiprocessing.spawn(_gather_on_rank, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
+    expected = torch.tensor([[0.0] * 3, [1.0] * 3, [1.0] * 3])  # rank 0's one image, then rank 1's two
+    for rank in (0, 1):
+        assert torch.equal(torch.load(tmp_path / f"out.{rank}"), expected)
