@@ -8,8 +8,6 @@ cannot be decoded gets a row with an empty class and an `error` column, never a 
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import os
@@ -30,6 +28,7 @@ from animal_lightning.data.transforms import PreprocessSpec, eval_transform
 from animal_lightning.errors import CheckpointError, DataError
 from animal_lightning.hardware import auto_precision
 from animal_lightning.models import AnimalClassifier, openset
+from animal_lightning.reports import rows_csv
 
 log = logging.getLogger(__name__)
 
@@ -311,25 +310,16 @@ def open_set_scores(inputs: Inputs, decisions: Decisions, errors: Sequence[str],
     return result
 
 
-def csv_text(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns or (rows[0].keys() if rows else [])),
-                            extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def write_predictions(rows: Sequence[dict], output: Path, fmt: str = "csv") -> list[Path]:
     """The full table (csv or json) plus submission.csv (image_id,class: the challenge's format) beside it."""
     if fmt == "csv":
-        write_text_atomic(output, csv_text(rows))
+        write_text_atomic(output, rows_csv(rows))
     elif fmt == "json":
         write_text_atomic(output, json.dumps(list(rows), indent=1) + "\n")
     else:
         raise DataError(f"format={fmt!r} is not one of: csv, json")
     submission = output.with_name("submission.csv")
-    write_text_atomic(submission, csv_text(rows, ["image_id", "class"]))
+    write_text_atomic(submission, rows_csv(rows, ["image_id", "class"]))
     return [output, submission]
 
 
@@ -381,15 +371,44 @@ def predict(cfg) -> dict:
         scores = score(inputs, model.class_names, probabilities, errors)
         scores.update(open_set_scores(inputs, decisions, errors, len(model.class_names)))
         write_text_atomic(output.with_name("metrics.json"), json.dumps({**summary, **scores}, indent=1) + "\n")
-        write_text_atomic(output.with_name("per_class.csv"), csv_text(scores["per_class"]))
+        write_text_atomic(output.with_name("per_class.csv"), rows_csv(scores["per_class"]))
         summary.update({k: v for k, v in scores.items() if k != "per_class"})
         print(format_scores(scores), flush=True)
+    if cfg.get("gradcam"):
+        summary["gradcam"] = write_gradcam(cfg, model, inputs, probabilities, errors)
     for row in rows:
         if row["error"]:
             log.warning("could not read %s: %s", row["image_id"], row["error"])
     print(f"{summary['images']} predictions, {summary['unreadable']} unreadable image(s): "
           + ", ".join(summary["output"]), flush=True)
     return summary
+
+
+def write_gradcam(cfg, model: AnimalClassifier, inputs: Inputs, probabilities: torch.Tensor,
+                  errors: Sequence[str]) -> str:
+    """gradcam=true: an overlay per readable image for its predicted class (the classifier head's), and with
+    gradcam_true=true also for its true class where labelled and different; index.csv lists them."""
+    from animal_lightning.explain import CamRequest, explain_images
+
+    index = {name: i for i, name in enumerate(model.class_names)}
+    requests = []
+    for n, label in enumerate(inputs.labels):
+        if errors[n]:
+            continue
+        predicted = int(probabilities[n].argmax())
+        requests.append(CamRequest(n, predicted, "predicted"))
+        if cfg.get("gradcam_true") and label in index and index[label] != predicted:
+            requests.append(CamRequest(n, index[label], "true"))
+    folder = Path(cfg.get("gradcam_dir") or Path(cfg.output).parent / "gradcam")
+    use_gpu = str(cfg.accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    rows = explain_images(model, inputs.paths, inputs.image_ids, requests, folder, batch_size=int(cfg.batch_size),
+                          num_workers=default_num_workers() if cfg.num_workers == "auto" else int(cfg.num_workers),
+                          device="cuda" if use_gpu else "cpu")
+    write_text_atomic(folder / "index.csv", rows_csv(rows, ["image_id", "kind", "class", "probability", "file",
+                                                            "peak_x", "peak_y", "input_size"]))
+    print(f"Grad-CAM: {len(rows)} overlays ({model.cam_layer_name} of {model.hparams.backbone}) in {folder}",
+          flush=True)
+    return str(folder)
 
 
 def format_scores(scores: dict) -> str:

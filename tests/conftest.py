@@ -102,4 +102,4 @@ def trained(tmp_path_factory) -> dict:
     from animal_lightning.training import train
 
     metrics = train(cfg)
-    return {"metrics": metrics, "ckpt": Path(metrics["best_checkpoint"]), "root": root, "work": work}
+    return {"metrics": metrics, "ckpt": Path(metrics["best_checkpoint"]), "root": root, "work": work, "cfg": cfg}

@@ -24,6 +24,7 @@ class Recipe:
     builder: str  # torchvision.models builder name
     weights: type[tvm.WeightsEnum]
     heads: tuple[str, ...]  # dotted paths of the Linear layers re-made for our number of classes
+    cam_layer: str  # the last spatial feature map, where Grad-CAM looks (dotted path)
     # Builder arguments that match how the ImageNet weights were trained (used with weights_path too).
     pretrained_kwargs: dict = field(default_factory=dict)
     scratch_kwargs: dict = field(default_factory=dict)
@@ -31,12 +32,12 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    "resnet18": Recipe("resnet18", tvm.ResNet18_Weights, ("fc",)),
-    "resnet50": Recipe("resnet50", tvm.ResNet50_Weights, ("fc",)),
-    "resnet101": Recipe("resnet101", tvm.ResNet101_Weights, ("fc",)),
-    "vgg16": Recipe("vgg16", tvm.VGG16_Weights, ("classifier.6",)),
+    "resnet18": Recipe("resnet18", tvm.ResNet18_Weights, ("fc",), "layer4"),
+    "resnet50": Recipe("resnet50", tvm.ResNet50_Weights, ("fc",), "layer4"),
+    "resnet101": Recipe("resnet101", tvm.ResNet101_Weights, ("fc",), "layer4"),
+    "vgg16": Recipe("vgg16", tvm.VGG16_Weights, ("classifier.6",), "features.29"),  # ReLU of the last conv
     # Inception v3 trains with an auxiliary classifier; its ImageNet weights expect transform_input.
-    "inception_v3": Recipe("inception_v3", tvm.Inception_V3_Weights, ("fc", "AuxLogits.fc"),
+    "inception_v3": Recipe("inception_v3", tvm.Inception_V3_Weights, ("fc", "AuxLogits.fc"), "Mixed_7c",
                            pretrained_kwargs={"aux_logits": True, "transform_input": True, "init_weights": False},
                            scratch_kwargs={"aux_logits": True, "init_weights": True},
                            min_input_size=299),  # the auxiliary classifier's 5x5 pooling needs 299 px
@@ -48,6 +49,7 @@ class Backbone:
     net: nn.Module
     spec: PreprocessSpec
     head_names: tuple[str, ...]
+    cam_layer: str  # dotted path of the layer Grad-CAM explains
 
     def head_parameters(self) -> list[nn.Parameter]:
         return [p for name in self.head_names for p in self.net.get_submodule(name).parameters()]
@@ -138,4 +140,5 @@ def create_backbone(name: str, num_classes: int, *, pretrained: bool = False,
     else:
         net = tvm.get_model(recipe.builder, weights=None, **recipe.scratch_kwargs)
     _replace_heads(net, recipe.heads, num_classes)
-    return Backbone(net=net, spec=preprocess_spec(name, image_size), head_names=recipe.heads)
+    return Backbone(net=net, spec=preprocess_spec(name, image_size), head_names=recipe.heads,
+                    cam_layer=recipe.cam_layer)

@@ -132,6 +132,7 @@ class AnimalClassifier(LightningModule):
         self.net = built.net
         self.preprocess: PreprocessSpec = built.spec
         self._head_ids = {id(p) for p in built.head_parameters()}
+        self.cam_layer_name = built.cam_layer  # Grad-CAM's target layer, named by the backbone factory
         self.calibration: dict | None = None  # open-set and stacking quantiles from the last validation
         self._stats: list[dict] = []  # per-batch scores gathered over an evaluation epoch
         self._features: torch.Tensor | None = None
@@ -241,9 +242,10 @@ class AnimalClassifier(LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(targets))
         return loss
 
-    def _evaluate(self, batch, metrics: MetricCollection, stage: str) -> None:
+    def _evaluate(self, batch, metrics: MetricCollection, stage: str) -> dict[str, torch.Tensor]:
         """Seen-class metrics on images of training classes; every image's open-set and zero-shot scores kept
-        for the epoch's end (targets >= the number of classes are novel: unseen classes of the test set)."""
+        for the epoch's end (targets >= the number of classes are novel: unseen classes of the test set).
+        Returns the logits and targets, for callbacks (the confusion matrix and worst-mistakes grid)."""
         images, targets = batch
         logits = self(images)
         compat = self.compatibility()
@@ -258,6 +260,7 @@ class AnimalClassifier(LightningModule):
         if compat is not None:
             stats["compat"] = compat.float().cpu()
         self._stats.append(stats)
+        return {"logits": logits.detach(), "targets": targets}
 
     def _gathered(self) -> dict[str, torch.Tensor]:
         """This epoch's per-image scores from every process (DDP), so each rank calibrates on all images."""
@@ -301,8 +304,8 @@ class AnimalClassifier(LightningModule):
             values.update(openset.zero_shot_report(predicted, stats["targets"], num_seen, len(self.all_class_names)))
         return {f"test/{name}": value for name, value in values.items() if value is not None}
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics, "val")
+    def validation_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._evaluate(batch, self.val_metrics, "val")
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
@@ -318,8 +321,8 @@ class AnimalClassifier(LightningModule):
         self.log("val/acc_best", self.val_acc_best.compute() if self.val_acc_best.update_called
                  else values["val/acc"], prog_bar=True)
 
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics, "test")
+    def test_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._evaluate(batch, self.test_metrics, "test")
 
     def on_test_epoch_end(self) -> None:
         if any(metric.update_called for metric in self.test_metrics.values()):

@@ -1,0 +1,204 @@
+"""Trainer callbacks that show what the model learned: confusion, worst mistakes, and the augmented inputs.
+
+`EvaluationReport` counts a confusion matrix and keeps the most confident mistakes while validation
+and test run (from the logits each step returns: no second pass over the data). At the end of each
+validation it sends the matrix, the mistakes and the most confused pairs to TensorBoard; at test it
+also writes them into the run folder as PNG and CSV. `AugmentationSamples` shows the first training
+batch, exactly as the network receives it (crops, flips, MixUp/CutMix included).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, Trainer
+from matplotlib.figure import Figure
+
+from animal_lightning import reports
+from animal_lightning.atomic import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+
+def _figure_loggers(trainer: Trainer) -> list:
+    """The loggers that take images (TensorBoard's SummaryWriter has add_figure; CSV does not)."""
+    return [logger.experiment for logger in trainer.loggers if hasattr(logger.experiment, "add_figure")]
+
+
+def _gather_objects(value: Any) -> list:
+    """Every process's `value` (DDP), or [value] in a single process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        everyone: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, value)
+        return everyone
+    return [value]
+
+
+class EvaluationReport(Callback):
+    """Confusion matrix, per-class table, confused pairs and a grid of the worst mistakes.
+
+    Validation (every `every_n_epochs`): TensorBoard images `val/confusion_matrix` and
+    `val/misclassified`, text `val/confused_pairs`. Test: the same under `test/`, plus in `output_dir`
+    confusion_matrix.png/.csv, per_class.csv, confused_pairs.csv and misclassified.png. Only images of
+    training classes count (novel test classes are the open-set report's business).
+    """
+
+    def __init__(self, output_dir: str | None = None, every_n_epochs: int = 1, worst_images: int = 16,
+                 top_pairs: int = 10, max_plotted_classes: int = reports.MAX_PLOTTED_CLASSES):
+        if every_n_epochs < 1:
+            raise ValueError(f"callbacks.evaluation_report.every_n_epochs={every_n_epochs} must be at least 1")
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.every_n_epochs = int(every_n_epochs)
+        self.worst_images = int(worst_images)
+        self.top_pairs = int(top_pairs)
+        self.max_plotted_classes = int(max_plotted_classes)
+        self._confusion: torch.Tensor | None = None
+        self._worst: list[dict] = []
+        self.last: dict[str, Any] = {}  # the latest report per stage: confusion, per_class, pairs (for tests)
+
+    # -- collecting --------------------------------------------------------------------------------
+    def _active(self, trainer: Trainer, stage: str) -> bool:
+        if stage == "test":
+            return True
+        if trainer.sanity_checking:
+            return False
+        last_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0 or last_epoch
+
+    def _start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        n = len(pl_module.class_names)
+        self._confusion = torch.zeros(n, n, dtype=torch.long) if self._active(trainer, stage) else None
+        self._worst = []
+
+    def _collect(self, pl_module: LightningModule, outputs: Any, batch: Any) -> None:
+        if self._confusion is None or not isinstance(outputs, dict) or "logits" not in outputs:
+            return
+        logits, targets = outputs["logits"].detach().float(), outputs["targets"].detach()
+        num_seen = self._confusion.shape[0]
+        seen = targets < num_seen
+        if not seen.any():
+            return
+        logits, targets, images = logits[seen], targets[seen], batch[0][seen]
+        probabilities = F.softmax(logits, dim=1)
+        confidence, predicted = probabilities.max(dim=1)
+        self._confusion += reports.confusion_matrix(targets, predicted, num_seen)
+        wrong = (predicted != targets).nonzero().flatten()
+        if not len(wrong) or not self.worst_images:
+            return
+        floor = self._worst[-1]["confidence"] if len(self._worst) >= self.worst_images else -1.0
+        wrong = wrong[confidence[wrong] > floor]
+        wrong = wrong[torch.argsort(confidence[wrong], descending=True)][: self.worst_images]
+        if not len(wrong):
+            return
+        pictures = reports.to_uint8_images(images[wrong], pl_module.preprocess)
+        for k, i in enumerate(wrong.tolist()):
+            self._worst.append({"confidence": float(confidence[i]), "picture": pictures[k],
+                                "true": int(targets[i]), "predicted": int(predicted[i]),
+                                "true_probability": float(probabilities[i, targets[i]])})
+        self._worst = sorted(self._worst, key=lambda item: -item["confidence"])[: self.worst_images]
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start(trainer, pl_module, "val")
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start(trainer, pl_module, "test")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect(pl_module, outputs, batch)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect(pl_module, outputs, batch)
+
+    # -- reporting ---------------------------------------------------------------------------------
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._report(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._report(trainer, pl_module, "test")
+
+    def _report(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._confusion is None:
+            return
+        # Every rank takes part in the reductions; only rank zero draws and writes.
+        confusion = trainer.strategy.reduce(self._confusion.to(pl_module.device), reduce_op="sum").long().cpu()
+        worst = sorted((item for rank in _gather_objects(self._worst) for item in rank),
+                       key=lambda item: -item["confidence"])[: self.worst_images]
+        self._confusion, self._worst = None, []
+        if not trainer.is_global_zero or int(confusion.sum()) == 0:
+            return
+        names = pl_module.class_names
+        pairs = reports.confused_pairs(confusion, names, self.top_pairs)
+        table = reports.per_class_table(confusion, names)
+        self.last[stage] = {"confusion": confusion, "per_class": table, "pairs": pairs}
+        where = "test set" if stage == "test" else f"validation, epoch {trainer.current_epoch}"
+        matrix = reports.confusion_figure(confusion, names, f"confusion matrix ({where})", self.max_plotted_classes)
+        mistakes = self._mistakes_figure(worst, names, where) if worst else None
+        step = trainer.global_step
+        for writer in _figure_loggers(trainer):
+            writer.add_figure(f"{stage}/confusion_matrix", matrix, global_step=step, close=False)
+            if mistakes is not None:
+                writer.add_figure(f"{stage}/misclassified", mistakes, global_step=step, close=False)
+            writer.add_text(f"{stage}/confused_pairs", "    " + reports.format_pairs(pairs).replace("\n", "\n    "),
+                            global_step=step)
+        if stage == "test":
+            self._write_files(confusion, table, pairs, matrix, mistakes)
+
+    def _mistakes_figure(self, worst: list[dict], names: list[str], where: str) -> Figure:
+        titles = [f"true: {names[item['true']]} {item['true_probability']:.0%}\n"
+                  f"predicted: {names[item['predicted']]} {item['confidence']:.0%}" for item in worst]
+        return reports.image_grid_figure([item["picture"] for item in worst], titles,
+                                         f"most confident mistakes ({where})")
+
+    def _write_files(self, confusion, table, pairs, matrix: Figure, mistakes: Figure | None) -> None:
+        if self.output_dir is None:
+            return
+        out = self.output_dir
+        names = [row["class"] for row in table]
+        write_text_atomic(out / "confusion_matrix.csv", reports.confusion_csv(confusion, names))
+        write_text_atomic(out / "per_class.csv", reports.rows_csv(table))
+        write_text_atomic(out / "confused_pairs.csv", reports.rows_csv(pairs, ["true", "predicted", "count"]))
+        reports.save_figure(matrix, out / "confusion_matrix.png")
+        if mistakes is not None:
+            reports.save_figure(mistakes, out / "misclassified.png")
+        log.info("most confused classes on the test set:\n%s", reports.format_pairs(pairs))
+        log.info("wrote confusion_matrix.png/.csv, per_class.csv, confused_pairs.csv%s to %s",
+                 ", misclassified.png" if mistakes is not None else "", out)
+
+
+class AugmentationSamples(Callback):
+    """The first training batch as the network gets it, captioned with its labels: TensorBoard image
+    `train/augmented_samples` and `augmented_samples.png` in `output_dir`."""
+
+    def __init__(self, output_dir: str | None = None, count: int = 32):
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.count = int(count)
+        self._done = False
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._done or self.count <= 0:
+            return
+        self._done = True  # once per fit, also when resuming mid-run
+        if not trainer.is_global_zero:
+            return
+        images, targets = batch[0][: self.count], batch[1][: self.count]
+        names = pl_module.class_names
+        figure = reports.image_grid_figure(reports.to_uint8_images(images, pl_module.preprocess),
+                                           [_label(target, names) for target in targets],
+                                           f"augmented training samples ({images.shape[-1]}x{images.shape[-2]} px)")
+        for writer in _figure_loggers(trainer):
+            writer.add_figure("train/augmented_samples", figure, global_step=trainer.global_step, close=False)
+        if self.output_dir is not None:
+            reports.save_figure(figure, self.output_dir / "augmented_samples.png")
+
+
+def _label(target: torch.Tensor, names: list[str]) -> str:
+    """A class name, or for a MixUp/CutMix soft target the two largest parts with their weights."""
+    if target.ndim == 0:
+        return names[int(target)]
+    weights, classes = target.float().topk(min(2, len(target)))
+    parts = [f"{names[int(c)]} {float(w):.0%}" for w, c in zip(weights, classes, strict=True) if w > 0.005]
+    return "\n".join(parts)
