@@ -58,6 +58,7 @@ class EvaluationReport(Callback):
         self.max_plotted_classes = int(max_plotted_classes)
         self._confusion: torch.Tensor | None = None
         self._worst: list[dict] = []
+        self._warned = False
         self.last: dict[str, Any] = {}  # the latest report per stage: confusion, per_class, pairs (for tests)
 
     # -- collecting --------------------------------------------------------------------------------
@@ -66,7 +67,8 @@ class EvaluationReport(Callback):
             return True
         if trainer.sanity_checking:
             return False
-        last_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None  # -1: no last epoch
+        last_epoch = epochs is not None and trainer.current_epoch + 1 >= epochs
         return (trainer.current_epoch + 1) % self.every_n_epochs == 0 or last_epoch
 
     def _start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -77,12 +79,13 @@ class EvaluationReport(Callback):
     def _collect(self, pl_module: LightningModule, outputs: Any, batch: Any) -> None:
         if self._confusion is None or not isinstance(outputs, dict) or "logits" not in outputs:
             return
-        logits, targets = outputs["logits"].detach().float(), outputs["targets"].detach()
+        # one copy to the host per batch, not a device sync per number read
+        logits, targets = outputs["logits"].detach().float().cpu(), outputs["targets"].detach().cpu()
         num_seen = self._confusion.shape[0]
         seen = targets < num_seen
         if not seen.any():
             return
-        logits, targets, images = logits[seen], targets[seen], batch[0][seen]
+        logits, targets, images = logits[seen], targets[seen], batch[0][seen.to(batch[0].device)]
         probabilities = F.softmax(logits, dim=1)
         confidence, predicted = probabilities.max(dim=1)
         self._confusion += reports.confusion_matrix(targets, predicted, num_seen)
@@ -94,7 +97,7 @@ class EvaluationReport(Callback):
         wrong = wrong[torch.argsort(confidence[wrong], descending=True)][: self.worst_images]
         if not len(wrong):
             return
-        pictures = reports.to_uint8_images(images[wrong], pl_module.preprocess)
+        pictures = reports.to_uint8_images(images[wrong.to(images.device)], pl_module.preprocess)
         for k, i in enumerate(wrong.tolist()):
             self._worst.append({"confidence": float(confidence[i]), "picture": pictures[k],
                                 "true": int(targets[i]), "predicted": int(predicted[i]),
@@ -123,6 +126,10 @@ class EvaluationReport(Callback):
     def _report(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._confusion is None:
             return
+        if trainer.world_size > 1 and stage == "test" and not self._warned:
+            self._warned = True  # Lightning's DistributedSampler pads ranks to equal length with repeated images
+            log.warning("test confusion counted on %d processes: it may count a few images twice (the sampler's "
+                        "padding); run the test on one device for exact counts", trainer.world_size)
         # Every rank takes part in the reductions; only rank zero draws and writes.
         confusion = trainer.strategy.reduce(self._confusion.to(pl_module.device), reduce_op="sum").long().cpu()
         worst = sorted((item for rank in _gather_objects(self._worst) for item in rank),

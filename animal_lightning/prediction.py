@@ -375,7 +375,7 @@ def predict(cfg) -> dict:
         summary.update({k: v for k, v in scores.items() if k != "per_class"})
         print(format_scores(scores), flush=True)
     if cfg.get("gradcam"):
-        summary["gradcam"] = write_gradcam(cfg, model, inputs, probabilities, errors)
+        summary["gradcam"] = write_gradcam(cfg, model, inputs, probabilities, errors, decisions)
     for row in rows:
         if row["error"]:
             log.warning("could not read %s: %s", row["image_id"], row["error"])
@@ -385,9 +385,10 @@ def predict(cfg) -> dict:
 
 
 def write_gradcam(cfg, model: AnimalClassifier, inputs: Inputs, probabilities: torch.Tensor,
-                  errors: Sequence[str]) -> str:
-    """gradcam=true: an overlay per readable image for its predicted class (the classifier head's), and with
-    gradcam_true=true also for its true class where labelled and different; index.csv lists them."""
+                  errors: Sequence[str], decisions: Decisions) -> str:
+    """gradcam=true: an overlay per readable image for its predicted class, and with gradcam_true=true also
+    for its true class where labelled and different; index.csv lists them. Grad-CAM explains the classifier
+    head, so an image answered with an unseen (zero-shot) class gets its best seen class, kind `top-seen`."""
     from animal_lightning.explain import CamRequest, explain_images
 
     index = {name: i for i, name in enumerate(model.class_names)}
@@ -396,14 +397,16 @@ def write_gradcam(cfg, model: AnimalClassifier, inputs: Inputs, probabilities: t
         if errors[n]:
             continue
         predicted = int(probabilities[n].argmax())
-        requests.append(CamRequest(n, predicted, "predicted"))
+        zero_shot = int(decisions.predicted[n]) >= len(model.class_names)
+        requests.append(CamRequest(n, predicted, "top-seen" if zero_shot else "predicted"))
         if cfg.get("gradcam_true") and label in index and index[label] != predicted:
             requests.append(CamRequest(n, index[label], "true"))
     folder = Path(cfg.get("gradcam_dir") or Path(cfg.output).parent / "gradcam")
     use_gpu = str(cfg.accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    workers = default_num_workers() if cfg.num_workers == "auto" else int(cfg.num_workers)
+    batches = -(-len({r.image for r in requests}) // int(cfg.batch_size))
     rows = explain_images(model, inputs.paths, inputs.image_ids, requests, folder, batch_size=int(cfg.batch_size),
-                          num_workers=default_num_workers() if cfg.num_workers == "auto" else int(cfg.num_workers),
-                          device="cuda" if use_gpu else "cpu")
+                          num_workers=min(workers, batches), device="cuda" if use_gpu else "cpu")
     write_text_atomic(folder / "index.csv", rows_csv(rows, ["image_id", "kind", "class", "probability", "file",
                                                             "peak_x", "peak_y", "input_size"]))
     print(f"Grad-CAM: {len(rows)} overlays ({model.cam_layer_name} of {model.hparams.backbone}) in {folder}",

@@ -13,23 +13,62 @@ from torch import nn
 
 from animal_lightning.data import AnimalDataModule
 from animal_lightning.errors import ModelConfigError, WeightsError
-from animal_lightning.models import AnimalClassifier, create_backbone, preprocess_spec
+from animal_lightning.models import AnimalClassifier, available, create_backbone, preprocess_spec
 from animal_lightning.models.classifier import eval_metrics
 from animal_lightning.models.schedules import cyclic, onecycle, warmup_cosine
-from tests.conftest import PickleBomb, make_folder
+from tests.conftest import CONF, PickleBomb, make_folder
 
-MODELS = {"resnet18": 32, "resnet50": 32, "resnet101": 32, "vgg16": 32, "inception_v3": 299}
+MODEL_CONFIGS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+# A small input each network accepts (Inception v3's auxiliary head needs 299, Inception v4's stem 75).
+SMALL = {"inception_v3": 299, "inception_v4": 75}
+TIMM_TEST_MODEL = "resnet10t"  # model=timm is tested with a small timm network
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_every_model_config_composes_and_predicts_its_classes(compose_cfg, name):
-    size = MODELS[name]
-    cfg = compose_cfg(f"model={name}", "model.pretrained=false", f"model.image_size={size}")
-    model = instantiate(cfg.model, class_names=["a", "b", "c"], optimizer=instantiate(cfg.optimizer))
-    assert model.hparams.backbone == name and model.preprocess.input_size == size
+def small_model(compose_cfg, name: str, *extra: str) -> AnimalClassifier:
+    size = SMALL.get(name, 32)
+    overrides = [f"model={name}", "model.pretrained=false", f"model.image_size={size}", *extra]
+    if name == "timm":
+        overrides.append(f"model.name={TIMM_TEST_MODEL}")
+    cfg = compose_cfg(*overrides)
+    return instantiate(cfg.model, class_names=["a", "b", "c"], optimizer=instantiate(cfg.optimizer))
+
+
+def test_every_backbone_has_a_model_config():
+    assert set(available()) | {"timm"} == set(MODEL_CONFIGS)
+
+
+@pytest.mark.parametrize("name", MODEL_CONFIGS)
+def test_every_model_config_trains_a_step_and_predicts_its_classes(compose_cfg, name):
+    model = small_model(compose_cfg, name)
+    size = SMALL.get(name, 32)
+    assert model.hparams.backbone == (f"timm/{TIMM_TEST_MODEL}" if name == "timm" else name)
+    assert model.preprocess.input_size == size
+    model.train()
+    images, targets = torch.randn(2, 3, size, size), torch.tensor([0, 2])
+    loss = model.training_step((images, targets), 0)
+    loss.backward()
+    head = model.net.get_submodule(model.head_names[0])  # the factory names the head
+    assert head.weight.grad is not None and head.out_features == 3
+    assert all(p.grad is not None for p in model.net.parameters() if p.requires_grad and p.ndim > 1)
     model.eval()
     with torch.inference_mode():
-        assert model(torch.randn(2, 3, size, size)).shape == (2, 3)
+        assert model(images).shape == (2, 3)
+
+
+@pytest.mark.parametrize("name", MODEL_CONFIGS)
+def test_the_transforms_receive_the_backbones_spec(compose_cfg, name, tmp_path):
+    model = small_model(compose_cfg, name)
+    spec = model.preprocess
+    root = make_folder(tmp_path / "ds", {"a": 3, "b": 3, "c": 3})
+    dm = AnimalDataModule(root, batch_size=2, num_workers=0, augment={"train_crop_ratio": 0.875})
+    dm.use_preprocess(spec)
+    dm.setup("fit")
+    train_images, _ = next(iter(dm.train_dataloader()))
+    val_images, _ = next(iter(dm.val_dataloader()))
+    assert val_images.shape[-2:] == (spec.input_size, spec.input_size)
+    # FixRes crops are never below what the network accepts (fixed-size ViTs: never below the input)
+    assert train_images.shape[-1] == max(spec.min_input_size, round(spec.input_size * 0.875))
+    assert dm.preprocess.mean == spec.mean and dm.preprocess.interpolation == spec.interpolation
 
 
 def test_preprocess_spec_comes_from_the_backbone():
@@ -141,6 +180,52 @@ class Snapshots(L.Callback):
 
     def on_train_epoch_end(self, trainer, module):
         self.states.append(copy.deepcopy({k: v.detach().clone() for k, v in module.net.state_dict().items()}))
+
+
+@pytest.mark.parametrize("name", MODEL_CONFIGS)
+def test_weights_path_round_trip_for_every_model(compose_cfg, name, tmp_path):
+    """A state dict saved from the ImageNet-shaped network (1000 classes) starts a model for our classes."""
+    backbone = small_model(compose_cfg, name).hparams.backbone
+    fixed = preprocess_spec(backbone).min_input_size == preprocess_spec(backbone).input_size  # ViT: native size
+    size = None if fixed else SMALL.get(name, 32)
+    reference = create_backbone(backbone, 1000, image_size=size)
+    path = tmp_path / f"{name}.pth"
+    torch.save(reference.net.state_dict(), path)
+    loaded = create_backbone(backbone, 3, weights_path=path, image_size=size)
+    heads = set(loaded.head_names)
+    original = reference.net.state_dict()
+    for key, value in loaded.net.state_dict().items():
+        if any(key.startswith(head + ".") for head in heads):
+            assert value.shape[0] == 3, key  # the new head, sized for our classes
+        else:
+            assert torch.equal(value, original[key]), f"{key} not loaded"
+    del reference, loaded, original
+
+
+@pytest.mark.parametrize("name", MODEL_CONFIGS)
+def test_frozen_backbone_phase_then_thaw_for_every_model(compose_cfg, name, tmp_path):
+    root = make_folder(tmp_path / "ds", {"a": 2, "b": 2, "c": 2}, split="train")
+    make_folder(tmp_path / "ds", {"a": 1, "b": 1, "c": 1}, split="val")
+    model = small_model(compose_cfg, name, "model.freeze_backbone_epochs=1", "optimizer.lr=1e-2",
+                        "model.channels_last=false")
+    dm = AnimalDataModule(root, batch_size=2, num_workers=0, augment={"augment": False})
+    dm.use_preprocess(model.preprocess)
+    initial = {k: v.clone() for k, v in model.net.state_dict().items()}
+    heads = tuple(model.head_names)
+    snaps = Snapshots()
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[snaps], num_sanity_val_steps=0, accelerator="cpu",
+                        limit_train_batches=1, limit_val_batches=0, precision="32-true")
+    trainer.fit(model, dm)
+    frozen, thawed = snaps.states
+    changed_backbone = False
+    for key, value in initial.items():
+        if any(key.startswith(head + ".") for head in heads):
+            assert not torch.equal(frozen[key], value), f"head {key} did not train"
+        elif "num_batches_tracked" not in key:
+            assert torch.equal(frozen[key], value), f"{key} changed while frozen"
+            changed_backbone |= not torch.equal(thawed[key], frozen[key])
+    assert changed_backbone, "the backbone did not train after the frozen epoch"
 
 
 def test_frozen_backbone_phase_trains_only_the_head(tmp_path):

@@ -80,6 +80,7 @@ def test_confused_pairs_are_ranked_and_printed_as_arrows():
 @pytest.mark.parametrize("num_classes", [12, 40, 101])
 def test_confusion_plot_labels_every_shown_class_without_overlap(num_classes):
     rng = np.random.default_rng(num_classes)
+    torch.manual_seed(num_classes)
     names = [f"class_{i:03d}_{'long' * (i % 3)}" for i in range(num_classes)]
     targets = torch.tensor(rng.integers(0, num_classes, 2000))
     predicted = torch.where(torch.rand(2000) < 0.6, targets, torch.tensor(rng.integers(0, num_classes, 2000)))
@@ -149,8 +150,15 @@ def test_test_phase_files_match_an_independent_count(trained, tmp_path):
         assert int(row["support"]) == sum(n for (t, _), n in pairs.items() if t == c)
         assert int(row["correct"]) == pairs[(c, c)]
         chosen = sum(n for (_, p), n in pairs.items() if p == c)
+        support, correct = int(row["support"]), pairs[(c, c)]
         if chosen:
-            assert float(row["precision"]) == pytest.approx(pairs[(c, c)] / chosen, abs=1e-6)
+            assert float(row["precision"]) == pytest.approx(correct / chosen, abs=1e-6)
+        if support:
+            assert float(row["recall"]) == pytest.approx(correct / support, abs=1e-6)
+        if chosen and support:
+            precision, recall = correct / chosen, correct / support
+            f1 = 2 * precision * recall / (precision + recall) if correct else 0.0
+            assert float(row["f1"]) == pytest.approx(f1, abs=1e-6)
     listed = read_rows(out / "confused_pairs.csv")
     off = sorted(((-n, t, p) for (t, p), n in pairs.items() if t != p))  # most first, ties in class order
     assert [(r["true"], r["predicted"], int(r["count"])) for r in listed] == \

@@ -132,6 +132,7 @@ class AnimalClassifier(LightningModule):
         self.net = built.net
         self.preprocess: PreprocessSpec = built.spec
         self._head_ids = {id(p) for p in built.head_parameters()}
+        self.head_names = built.head_names  # the classifier layers, named by the backbone factory
         self.cam_layer_name = built.cam_layer  # Grad-CAM's target layer, named by the backbone factory
         self.calibration: dict | None = None  # open-set and stacking quantiles from the last validation
         self._stats: list[dict] = []  # per-batch scores gathered over an evaluation epoch
@@ -463,3 +464,9 @@ def _attribute_targets(matrix: list[list[float]]) -> tuple[torch.Tensor, torch.T
     low, high = float(values.min()), float(values.max())
     scaled = (values - min(low, 0.0)) / max(high - min(low, 0.0), 1e-12)
     return scaled, F.normalize(scaled, dim=1)
+
+
+def from_timm(name: str, **kwargs) -> AnimalClassifier:
+    """`model=timm model.name=<any timm model>`: the classifier with backbone timm/<name>."""
+    kwargs["backbone"] = f"timm/{name}"
+    return AnimalClassifier(**kwargs)
