@@ -130,6 +130,7 @@ def explain_images(model: AnimalClassifier, paths: Sequence[Path], image_ids: Se
     """Write `<image id>.<kind>-<class>.png` overlays into output_dir; returns one row per overlay (image_id,
     kind, class, probability, file, peak_x, peak_y: input pixel at the centre of the strongest cell, input_size).
     Ids that clean up to the same name (photo 1.jpg, photo_1.jpg) get -2, -3... so none is overwritten."""
+    from animal_lightning.data.datamodule import worker_context
     from animal_lightning.prediction import ImageFiles
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -140,7 +141,7 @@ def explain_images(model: AnimalClassifier, paths: Sequence[Path], image_ids: Se
         wanted.setdefault(request.image, []).append(request)
     order = sorted(wanted)
     loader = DataLoader(ImageFiles([paths[i] for i in order], model.preprocess), batch_size=batch_size,
-                        num_workers=num_workers)
+                        num_workers=num_workers, multiprocessing_context=worker_context(num_workers))
     names, rows, done = model.class_names, [], 0
     for images, errors in loader:
         batch_ids = order[done: done + len(images)]

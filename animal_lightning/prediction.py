@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
 from animal_lightning.atomic import write_text_atomic
-from animal_lightning.data.datamodule import default_num_workers
+from animal_lightning.data.datamodule import default_num_workers, worker_context
 from animal_lightning.data.folders import read_labels_csv
 from animal_lightning.data.images import is_image_name, list_images, load_rgb
 from animal_lightning.data.transforms import PreprocessSpec, eval_transform
@@ -170,7 +170,8 @@ def predict_outputs(model: AnimalClassifier, paths: Sequence[Path], *, batch_siz
     workers = default_num_workers() if num_workers == "auto" else int(num_workers)
     workers = min(workers, len(paths) // max(1, batch_size))  # no worker start-up for a handful of images
     loader = DataLoader(ImageFiles(paths, model.preprocess), batch_size=batch_size,
-                        num_workers=workers, pin_memory=torch.cuda.is_available())
+                        num_workers=workers, pin_memory=torch.cuda.is_available(),
+                        multiprocessing_context=worker_context(workers))
     model.predict_tta = tta
     collect = _Collect()
     trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,

@@ -18,7 +18,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, WeightAveraging
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from animal_lightning.atomic import write_text_atomic
@@ -28,6 +28,9 @@ from animal_lightning.hardware import auto_precision
 from animal_lightning.models import AnimalClassifier
 
 log = logging.getLogger(__name__)
+
+# The metrics TensorBoard's HParams view shows against each run's hyperparameters (their final values).
+HPARAMS_METRICS = {"val/acc_best": "hp/val_acc_best", "test/acc": "hp/test_acc", "test/acc_macro": "hp/test_acc_macro"}
 
 
 def instantiate_checked(config, **kwargs):
@@ -140,8 +143,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = instantiate_group(cfg.get("callbacks"), Callback)
     loggers = instantiate_group(cfg.get("logger"), Logger)
     trainer = build_trainer(cfg, callbacks, loggers)
+    hyperparameters = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        if isinstance(logger, TensorBoardLogger):  # the HParams view: this run's settings against its results
+            logger.log_hyperparams(hyperparameters, metrics={name: 0.0 for name in HPARAMS_METRICS.values()})
+        else:
+            logger.log_hyperparams(hyperparameters)
     log.info("precision %s, %d classes, preprocessing %s", trainer.precision, len(model.class_names),
              model.preprocess)
 
@@ -160,6 +167,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.test(model=model, datamodule=datamodule, ckpt_path=best, weights_only=True)
         test_metrics = _plain(trainer.callback_metrics, "test/")
 
+    results = {**val_metrics, **test_metrics}
+    final = {tag: results[name] for name, tag in HPARAMS_METRICS.items() if results.get(name) is not None}
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger) and final:
+            logger.log_metrics(final, step=trainer.global_step)
     summary = {
         "val": val_metrics,
         "test": test_metrics,

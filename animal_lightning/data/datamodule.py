@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -72,6 +73,12 @@ class MixCollate:
     def __call__(self, batch):
         images, labels = default_collate(batch)
         return self.mix(images, labels)
+
+
+def worker_context(num_workers: int) -> str | None:
+    """DataLoader workers are forked on Linux, explicitly: inside a joblib (loky) launcher job the default
+    context is loky's, whose processes DataLoader cannot use. None elsewhere (the platform's default)."""
+    return "fork" if num_workers > 0 and sys.platform.startswith("linux") else None
 
 
 def default_num_workers() -> int:
@@ -224,6 +231,7 @@ class AnimalDataModule(LightningDataModule):
     def _loader(self, dataset: ImageSamples, batch_size: int, **kwargs) -> DataLoader:
         workers = self.num_workers
         return DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=self.pin_memory,
+                          multiprocessing_context=worker_context(workers),
                           persistent_workers=workers > 0, **kwargs)
 
     def _train_collate(self):
