@@ -44,7 +44,8 @@ class EvaluationReport(Callback):
     Validation (every `every_n_epochs`): TensorBoard images `val/confusion_matrix` and
     `val/misclassified`, text `val/confused_pairs`. Test: the same under `test/`, plus in `output_dir`
     confusion_matrix.png/.csv, per_class.csv, confused_pairs.csv and misclassified.png. Only images of
-    training classes count (novel test classes are the open-set report's business).
+    training classes count (novel test classes are the open-set report's business). Under DDP the counts
+    of all ranks are summed; the DataModule's evaluation loaders give each image to exactly one rank.
     """
 
     def __init__(self, output_dir: str | None = None, every_n_epochs: int = 1, worst_images: int = 16,
@@ -58,7 +59,6 @@ class EvaluationReport(Callback):
         self.max_plotted_classes = int(max_plotted_classes)
         self._confusion: torch.Tensor | None = None
         self._worst: list[dict] = []
-        self._warned = False
         self.last: dict[str, Any] = {}  # the latest report per stage: confusion, per_class, pairs (for tests)
 
     # -- collecting --------------------------------------------------------------------------------
@@ -126,10 +126,6 @@ class EvaluationReport(Callback):
     def _report(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._confusion is None:
             return
-        if trainer.world_size > 1 and stage == "test" and not self._warned:
-            self._warned = True  # Lightning's DistributedSampler pads ranks to equal length with repeated images
-            log.warning("test confusion counted on %d processes: it may count a few images twice (the sampler's "
-                        "padding); run the test on one device for exact counts", trainer.world_size)
         # Every rank takes part in the reductions; only rank zero draws and writes.
         confusion = trainer.strategy.reduce(self._confusion.to(pl_module.device), reduce_op="sum").long().cpu()
         worst = sorted((item for rank in _gather_objects(self._worst) for item in rank),

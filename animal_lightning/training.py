@@ -68,7 +68,26 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logg
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_cfg.get("precision") == "auto":
         trainer_cfg["precision"] = auto_precision(str(trainer_cfg.get("accelerator", "auto")))
+    if trainer_cfg.get("strategy") == "ddp" and _in_multirun() and not _cluster_starts_ranks():
+        # Lightning's ddp launcher starts the other ranks by re-running the command line: under -m that is
+        # the whole sweep again, in every child. ddp_spawn starts them from inside this job instead.
+        log.info("multirun: trainer.strategy=ddp becomes ddp_spawn (ddp would re-run the sweep in each rank)")
+        trainer_cfg["strategy"] = "ddp_spawn"
     return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
+
+
+def _cluster_starts_ranks() -> bool:
+    """SLURM (srun tasks) or torchrun already started one process per rank: DDP must not launch any."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    return SLURMEnvironment.detect() or TorchElasticEnvironment.detect()
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def build_model(cfg: DictConfig, datamodule: AnimalDataModule) -> AnimalClassifier:
@@ -177,8 +196,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "test": test_metrics,
         "test_source": datamodule.index.test_source,
         "best_checkpoint": best,
-        "last_checkpoint": checkpoint.last_model_path or None if checkpoint is not None else None,
-        "epochs_completed": trainer.current_epoch,
+        "last_checkpoint": _last_checkpoint(checkpoint),
+        "epochs_completed": _epochs_completed(trainer, checkpoint),
         "class_names": model.class_names,
         "run_dir": str(output_dir),
     }
@@ -186,6 +205,27 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         write_text_atomic(output_dir / "metrics.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
         report(summary)
     return {**val_metrics, **test_metrics, "best_checkpoint": best}
+
+
+def _last_checkpoint(checkpoint) -> str | None:
+    """last.ckpt's path; after ddp_spawn only the best path comes back from the ranks, so look in its folder."""
+    if checkpoint is None:
+        return None
+    if checkpoint.last_model_path:
+        return checkpoint.last_model_path
+    if checkpoint.save_last and checkpoint.dirpath:
+        path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
+        return str(path) if path.is_file() else None
+    return None
+
+
+def _epochs_completed(trainer: L.Trainer, checkpoint) -> int:
+    """The trainer's count; after ddp_spawn (whose ranks trained in child processes, leaving this process's
+    loop at 0) the last checkpoint's epoch."""
+    last = _last_checkpoint(checkpoint)
+    if trainer.current_epoch or last is None:
+        return trainer.current_epoch
+    return int(torch.load(last, map_location="cpu", weights_only=True).get("epoch", -1)) + 1
 
 
 def report(summary: dict) -> None:

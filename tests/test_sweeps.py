@@ -163,3 +163,43 @@ def test_a_killed_job_shows_as_incomplete(tmp_path):
     rows = summarize(tmp_path)
     assert [r["status"] for r in rows] == ["incomplete", "incomplete"]
     assert shared_overrides(rows) == ["model=resnet18"]
+
+
+def test_multirun_with_ddp_runs_each_job_once_through_ddp_spawn(tmp_path):
+    """Lightning's ddp launcher re-runs the command line in each rank: under -m the jobs switch to ddp_spawn."""
+    result = run_train(tmp_path, "-m", "trainer=ddp_cpu", *TINY, "optimizer.lr=1e-3,3e-4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((tmp_path / "logs" / "train" / "multiruns").iterdir())) == 1  # the sweep ran once
+    rows = read_rows(sweep_dir(tmp_path) / "summary.csv")
+    assert [(r["status"], r["epochs"]) for r in rows] == [("completed", "1"), ("completed", "1")]
+    for row in rows:
+        assert sorted(p.name for p in (Path(row["run_dir"]) / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
+def test_slurm_launcher_config_composes_for_two_nodes_of_four_gpus():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from tests.conftest import CONF
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+            cfg = compose("train", return_hydra_config=True,
+                          overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.nodes=2",
+                                     "trainer=ddp", "trainer.num_nodes=2", "trainer.devices=4"])
+    finally:
+        GlobalHydra.instance().clear()
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 2, 4, 4)
+    assert (cfg.trainer.strategy, cfg.trainer.num_nodes, cfg.trainer.sync_batchnorm) == ("ddp", 2, True)
+
+
+def test_ddp_stays_ddp_when_slurm_started_the_ranks(monkeypatch):
+    from animal_lightning.training import _cluster_starts_ranks
+
+    assert not _cluster_starts_ranks()
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    assert _cluster_starts_ranks()

@@ -257,11 +257,22 @@ class AnimalDataModule(LightningDataModule):
         dropping the ragged remainder costs under one batch per epoch, and the shuffle varies which."""
         return len(self.train_set) > self.batch_size
 
+    def _eval_loader(self, dataset: ImageSamples) -> DataLoader:
+        """Under DDP each image goes to exactly one rank: Lightning's DistributedSampler would pad the ranks
+        to equal length with repeated images, which the metrics and the confusion matrix would count twice."""
+        sampler = None
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
+        return self._loader(dataset, self.eval_batch_size, sampler=sampler)
+
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.eval_batch_size)
+        return self._eval_loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, self.eval_batch_size)
+        return self._eval_loader(self.test_set)
 
 
 class SyntheticAnimalDataModule(AnimalDataModule):

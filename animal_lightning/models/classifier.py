@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
-from torchmetrics import MaxMetric, Metric, MetricCollection
+from torchmetrics import MaxMetric, MeanMetric, Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from animal_lightning.data.transforms import PreprocessSpec
@@ -156,6 +156,7 @@ class AnimalClassifier(LightningModule):
         self.train_acc = MulticlassAccuracy(n, average="micro")
         self.val_metrics = eval_metrics(n, "val/")
         self.test_metrics = eval_metrics(n, "test/")
+        self.eval_loss = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # saved in checkpoints, so a resumed run remembers its best
         if self.hparams.channels_last:
@@ -253,8 +254,8 @@ class AnimalClassifier(LightningModule):
         num_seen = len(self.class_names)
         seen = targets < num_seen
         if seen.any():
-            self.log(f"{stage}/loss", self._loss(logits[seen], targets[seen]), on_epoch=True,
-                     prog_bar=stage == "val", batch_size=int(seen.sum()))
+            # a metric, not self.log: summed over the ranks once, at the epoch's end (none of them may skip it)
+            self.eval_loss[stage].update(self._loss(logits[seen], targets[seen]).detach(), weight=int(seen.sum()))
             metrics.update(logits[seen], targets[seen])
         stats = {"scores": openset.known_scores(logits).cpu(), "predicted": logits.argmax(1).cpu(),
                  "targets": targets.cpu()}
@@ -315,6 +316,8 @@ class AnimalClassifier(LightningModule):
             self._calibrate()
         values = self.val_metrics.compute()
         self.val_metrics.reset()
+        self.log("val/loss", self.eval_loss["val"].compute(), prog_bar=True)
+        self.eval_loss["val"].reset()
         self.log_dict({name: value for name, value in values.items() if name != "val/acc"})
         self.log("val/acc", values["val/acc"], prog_bar=True)
         if not self.trainer.sanity_checking:
@@ -326,9 +329,14 @@ class AnimalClassifier(LightningModule):
         return self._evaluate(batch, self.test_metrics, "test")
 
     def on_test_epoch_end(self) -> None:
-        if any(metric.update_called for metric in self.test_metrics.values()):
+        # Whether any process saw a test image of a training class: every rank must take the same branch,
+        # since computing a metric is a collective operation under DDP.
+        seen = torch.tensor(float(self.test_metrics["acc"].update_called), device=self.device)
+        if float(self.trainer.strategy.reduce(seen, reduce_op="sum")) > 0:
             self.log_dict(self.test_metrics.compute())
+            self.log("test/loss", self.eval_loss["test"].compute())
         self.test_metrics.reset()
+        self.eval_loss["test"].reset()
         self.log_dict(self._open_set_metrics())
 
     predict_tta: str | None = None  # "hflip": average with the mirrored image (set by prediction)
