@@ -19,6 +19,7 @@ from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from animal_lightning.atomic import write_text_atomic
@@ -42,7 +43,8 @@ class SweepSummary(Callback):
         output_dir = Path(config.hydra.runtime.output_dir)
         status, error = "completed", None
         if job_return.status == JobStatus.FAILED:
-            status, error = "failed", f"{type(job_return._return_value).__name__}: {job_return._return_value}"
+            reason = f"{type(job_return._return_value).__name__}: {job_return._return_value}"
+            status, error = "failed", (reason.splitlines() or [""])[0][:500]
         elif not _finite(job_return._return_value):
             status = "failed"  # train.py returns None for a job that raised or ended without a finite score
             error_file = output_dir / ERROR_FILE
@@ -51,19 +53,30 @@ class SweepSummary(Callback):
                   "job": int(config.hydra.job.num) if config.hydra.job.get("num") is not None else 0,
                   "wall_s": round(time.monotonic() - self._started, 1) if self._started is not None else None}
         write_text_atomic(output_dir / STATUS_FILE, json.dumps(record, indent=1) + "\n")
+        if str(config.hydra.get("mode")).endswith(RunMode.MULTIRUN.name):  # an enum or its name
+            # kept up to date after every job: a sweeper that gives up at the end (Optuna when every trial
+            # failed) never reaches on_multirun_end, and the table must still be there
+            self._write(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        table, rows = self._write(sweep_dir)
+        if rows:
+            failed = sum(1 for row in rows if row["status"] != "completed")
+            print(f"\nSweep summary ({len(rows)} jobs, {failed} failed): {sweep_dir / 'summary.csv'}\n{table}",
+                  flush=True)
+
+    @staticmethod
+    def _write(sweep_dir: Path) -> tuple[str, list[dict]]:
         rows = summarize(sweep_dir)
         if not rows:
-            return
+            return "", rows
         write_text_atomic(sweep_dir / "summary.csv",
                           rows_csv([{**row, "overrides": " ".join(row["overrides"])} for row in rows], COLUMNS))
         common = shared_overrides(rows)
         table = (f"common overrides: {' '.join(common)}\n\n" if common else "") + markdown_table(rows, common)
         write_text_atomic(sweep_dir / "summary.md", table + "\n")
-        failed = sum(1 for row in rows if row["status"] != "completed")
-        print(f"\nSweep summary ({len(rows)} jobs, {failed} failed): {sweep_dir / 'summary.csv'}\n{table}", flush=True)
+        return table, rows
 
 
 def _finite(value: Any) -> bool:

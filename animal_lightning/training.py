@@ -19,6 +19,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
 
 from animal_lightning.atomic import write_text_atomic
@@ -68,12 +70,25 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logg
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_cfg.get("precision") == "auto":
         trainer_cfg["precision"] = auto_precision(str(trainer_cfg.get("accelerator", "auto")))
-    if trainer_cfg.get("strategy") == "ddp" and _in_multirun() and not _cluster_starts_ranks():
-        # Lightning's ddp launcher starts the other ranks by re-running the command line: under -m that is
-        # the whole sweep again, in every child. ddp_spawn starts them from inside this job instead.
-        log.info("multirun: trainer.strategy=ddp becomes ddp_spawn (ddp would re-run the sweep in each rank)")
-        trainer_cfg["strategy"] = "ddp_spawn"
-    return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
+    freezes = int(cfg.model.get("freeze_backbone_epochs") or 0) > 0
+    trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
+    if not isinstance(trainer.strategy, DDPStrategy):
+        return trainer
+    # DDP, chosen by name or by devices: auto on a multi-GPU machine. Lightning's ddp launcher starts the
+    # other ranks by re-running the command line: under -m that is the whole sweep again, in every child,
+    # so a sweep job starts them itself (ddp_spawn). A frozen backbone leaves parameters without gradients,
+    # which DDP must be told to expect.
+    respawn = _in_multirun() and not _cluster_starts_ranks() and \
+        isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher)
+    if not respawn and not freezes:
+        return trainer
+    strategy = "ddp_spawn" if respawn or trainer.strategy.launcher is None or \
+        getattr(trainer.strategy, "_start_method", "popen") == "spawn" else "ddp"
+    if freezes:
+        strategy += "_find_unused_parameters_true"
+    if respawn:
+        log.info("multirun: DDP starts its processes with %s (ddp would re-run the sweep in each rank)", strategy)
+    return instantiate({**trainer_cfg, "strategy": strategy}, callbacks=callbacks, logger=loggers or False)
 
 
 def _cluster_starts_ranks() -> bool:
@@ -190,7 +205,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     final = {tag: results[name] for name, tag in HPARAMS_METRICS.items() if results.get(name) is not None}
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger) and final:
-            logger.log_metrics(final, step=trainer.global_step)
+            logger.log_metrics(final, step=max(1, trainer.global_step))  # after the 0.0 placeholders at step 0
+            logger.experiment.flush()  # trainer.test has closed the logger already
     summary = {
         "val": val_metrics,
         "test": test_metrics,

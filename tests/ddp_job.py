@@ -1,4 +1,5 @@
-"""Run by tests/test_ddp.py as `python tests/ddp_job.py <workdir> <data root>`: train the demo data with
+"""Run by tests/test_ddp.py as `python tests/ddp_job.py <workdir> <data root> <data overrides...>`: train the
+demo data with
 trainer=ddp_cpu (2 processes, gloo). Lightning re-runs this script for rank 1; each rank writes the metrics
 it ended with to <workdir>/rank<N>.json, so the test can compare them."""
 
@@ -15,10 +16,9 @@ from tests.conftest import FAST, compose_config  # noqa: E402
 
 
 def main() -> None:
-    work, data = Path(sys.argv[1]), Path(sys.argv[2])
-    cfg = compose_config("train", work, "experiment=demo", f"data.root={data}", "data.num_classes=4",
-                         "data.train_per_class=30", "data.test_per_class=8", "data.image_size=32", "data.seed=0",
-                         *FAST, "trainer=ddp_cpu", "trainer.max_epochs=2", "data.batch_size=8",
+    work, data, overrides = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+    cfg = compose_config("train", work, "experiment=demo", f"data.root={data}", *overrides, *FAST,
+                         "trainer=ddp_cpu", "trainer.max_epochs=2", "data.batch_size=8",
                          "callbacks.augmentation_samples=null")
     HydraConfig.instance().cfg = None  # a plain script to Lightning: its launcher re-runs it for rank 1
     from animal_lightning.training import train

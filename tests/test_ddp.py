@@ -11,19 +11,27 @@ import sys
 import pytest
 import torch
 
+from animal_lightning.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
 from tests.conftest import PROJECT
 
 pytestmark = pytest.mark.slow
 
 
-def test_two_cpu_processes_agree_write_once_and_count_each_test_image_once(synthetic_root, tmp_path):
-    result = subprocess.run([sys.executable, str(PROJECT / "tests" / "ddp_job.py"), str(tmp_path), str(synthetic_root)],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+def test_two_cpu_processes_agree_write_once_and_count_each_test_image_once(tmp_path):
+    # 21 test and 9 validation images: odd counts, which a padding sampler would round up to 22 and 10
+    spec = SyntheticSpec(num_classes=3, train_per_class=20, test_per_class=7, image_size=32, seed=5)
+    root = ensure_synthetic_dataset(tmp_path / "synthetic", spec)  # before the ranks start: no race to write it
+    overrides = ["data.num_classes=3", "data.train_per_class=20", "data.test_per_class=7", "data.image_size=32",
+                 "data.seed=5"]
+    result = subprocess.run([sys.executable, str(PROJECT / "tests" / "ddp_job.py"), str(tmp_path),
+                             str(tmp_path / "synthetic"), *overrides], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1]  # metrics are synced: both processes end with the same numbers
     assert 0.0 <= ranks[0]["val/acc_best"] <= 1.0 and "test/acc" in ranks[0]
+    correct = ranks[0]["val/acc"] * 9  # 9 validation images (15% of 3 x 20): a count of them, not of 10
+    assert abs(correct - round(correct)) < 1e-4, ranks[0]["val/acc"]
 
     run = tmp_path / "run"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
@@ -35,9 +43,38 @@ def test_two_cpu_processes_agree_write_once_and_count_each_test_image_once(synth
     with (run / "confusion_matrix.csv").open(newline="") as handle:
         rows = list(csv.reader(handle))[1:]
     counts = [[int(v) for v in row[1:]] for row in rows]
-    with (synthetic_root / next(p.name for p in synthetic_root.iterdir() if p.is_dir()) / "test_labels.csv").open() \
-            as handle:
+    with (root / "test_labels.csv").open() as handle:
         labelled = sum(1 for _ in handle) - 1
+    assert labelled == 21
     assert sum(map(sum, counts)) == labelled  # every test image once: no sampler padding, no rank missing
     diagonal = sum(counts[i][i] for i in range(len(counts)))
     assert ranks[0]["test/acc"] == pytest.approx(diagonal / labelled, abs=1e-6)
+
+
+def test_ddp_with_a_frozen_backbone_expects_unused_parameters(compose_cfg):
+    from animal_lightning.training import build_trainer
+
+    cfg = compose_cfg("trainer=ddp_cpu", "model.freeze_backbone_epochs=1", "logger=csv")
+    trainer = build_trainer(cfg, [], [])
+    assert trainer.strategy._ddp_kwargs.get("find_unused_parameters") is True
+    plain = build_trainer(compose_cfg("trainer=ddp_cpu", "logger=csv"), [], [])
+    assert not plain.strategy._ddp_kwargs.get("find_unused_parameters")
+    assert type(plain.strategy.launcher).__name__ == "_SubprocessScriptLauncher"
+
+
+def test_a_sweep_job_starts_its_ddp_ranks_itself(compose_cfg, monkeypatch):
+    from animal_lightning import training
+
+    monkeypatch.setattr(training, "_in_multirun", lambda: True)
+    trainer = training.build_trainer(compose_cfg("trainer=ddp_cpu", "logger=csv"), [], [])
+    assert type(trainer.strategy.launcher).__name__ == "_MultiProcessingLauncher"  # ddp_spawn: no re-run of -m
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2")
+    monkeypatch.setenv("SLURM_NNODES", "1")
+    monkeypatch.setenv("SLURM_NODEID", "0")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    monkeypatch.setenv("SLURM_NODELIST", "node1")
+    on_slurm = training.build_trainer(compose_cfg("trainer=ddp_cpu", "logger=csv"), [], [])
+    assert type(on_slurm.strategy.launcher).__name__ != "_MultiProcessingLauncher"  # srun started the ranks

@@ -261,11 +261,13 @@ class AnimalDataModule(LightningDataModule):
         """Under DDP each image goes to exactly one rank: Lightning's DistributedSampler would pad the ranks
         to equal length with repeated images, which the metrics and the confusion matrix would count twice."""
         sampler = None
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
+        trainer = self.trainer  # set by Lightning once the datamodule is attached
+        world = trainer.world_size if trainer is not None else 1
+        if world > 1 and len(dataset) >= world:  # fewer images than ranks: Lightning's padded sampler, on every rank
             from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
-            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=trainer.global_rank,
+                                                   shuffle=False)
         return self._loader(dataset, self.eval_batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:

@@ -241,7 +241,14 @@ def _timm_config(timm_name: str):
         close = difflib.get_close_matches(timm_name, timm.list_models(), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else " (timm.list_models() lists them)"
         raise ModelConfigError(f"unknown timm model {timm_name!r}{hint}: set model.name=<a timm model name>")
-    return timm.models.get_pretrained_cfg(timm_name)
+    try:
+        config = timm.models.get_pretrained_cfg(timm_name)
+    except RuntimeError as error:  # e.g. an unknown pretrained tag: name.bad_tag
+        raise ModelConfigError(f"timm model {timm_name!r}: {error}; set model.name=<a timm model name>") from None
+    if config is None:
+        raise ModelConfigError(f"timm model {timm_name!r} has no pretrained config (input size, mean, std): "
+                               "choose a model with one, e.g. from timm.list_models(pretrained=True)")
+    return config
 
 
 def _timm_spec(timm_name: str, image_size: int | None, name: str) -> PreprocessSpec:
@@ -284,5 +291,7 @@ def _create_timm(name: str, num_classes: int, *, pretrained: bool, weights_path,
     if not heads or not all(isinstance(net.get_submodule(h), nn.Linear) for h in heads):
         raise ModelConfigError(f"{name}: its classifier {heads} is not a Linear layer; choose another timm model")
     feature_info = getattr(net, "feature_info", None)
-    cam_layer = str(feature_info[-1]["module"]) if feature_info else None
+    # Grad-CAM reads N x C x H x W maps (or transformer tokens); channels-last stages (Swin) are not explained
+    channels_first = str(getattr(net, "output_fmt", "NCHW")).upper() == "NCHW"
+    cam_layer = str(feature_info[-1]["module"]) if feature_info and channels_first else None
     return Backbone(net=net, spec=spec, head_names=heads, cam_layer=cam_layer)

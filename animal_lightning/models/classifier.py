@@ -156,7 +156,9 @@ class AnimalClassifier(LightningModule):
         self.train_acc = MulticlassAccuracy(n, average="micro")
         self.val_metrics = eval_metrics(n, "val/")
         self.test_metrics = eval_metrics(n, "test/")
-        self.eval_loss = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
+        # nan_strategy="disable": a diverging run must show a NaN loss, not the mean of its finite batches
+        self.eval_loss = nn.ModuleDict({"val": MeanMetric(nan_strategy="disable"),
+                                        "test": MeanMetric(nan_strategy="disable")})
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # saved in checkpoints, so a resumed run remembers its best
         if self.hparams.channels_last:
