@@ -35,6 +35,8 @@ RECIPES = {
     "squash_fixres": ["data.resize_mode=squash", "data.augment.train_crop_ratio=0.875"],
     "no_augmentation_squash": ["data.augment.augment=false", "data.resize_mode=squash"],
     "imagenet_augment": ["data.augment.crop_scale=[0.08,1.0]", "data.augment.policy=trivial_augment"],
+    "strong_augment": ["data.augment.policy=trivial_augment", "data.augment.mixup_alpha=0.2",
+                       "data.augment.cutmix_alpha=1.0"],
     "no_label_smoothing": ["model.label_smoothing=0"],
     "constant_lr": ["scheduler=none"],
 }
