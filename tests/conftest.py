@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,22 @@ CONF = PROJECT / "conf"
 # Small and fast everywhere: 32 px images, resnet18, no worker processes.
 FAST = ["model=resnet18", "model.pretrained=false", "model.image_size=32", "data.num_workers=0",
         "callbacks.progress_bar=null", "callbacks.model_summary=null"]
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def read_rows(path: Path) -> list[dict]:
+    """A CSV file with a header, as a list of dicts."""
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def assert_png(path: Path) -> None:
+    """A complete, valid PNG: its signature, and PIL's structural check."""
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, path
+    with Image.open(path) as image:
+        image.verify()
 
 
 class PickleBomb:

@@ -2,35 +2,19 @@
 
 from __future__ import annotations
 
-import csv
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from animal_lightning.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
 from animal_lightning.explain import CamRequest, cam_cells, explain_images, gradcam, overlay, peak, safe_name
 from animal_lightning.models import AnimalClassifier
 from animal_lightning.models.backbones import RECIPES, available, recipe_for
 from animal_lightning.prediction import predict
-from tests.conftest import FAST, compose_config, write_image
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def read_rows(path: Path) -> list[dict]:
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def assert_png(path: Path) -> None:
-    assert path.read_bytes()[:8] == PNG_SIGNATURE, path
-    with Image.open(path) as image:
-        image.verify()
-
+from tests.conftest import FAST, assert_png, compose_config, read_rows, write_image
 
 # The input size each backbone is explained at, and the side of its last feature map there: Grad-CAM's layer
 # must be the last spatial one (stride 32 for ResNets, 16 before VGG's and ZFNet's last pooling, ViT's 16 px

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -16,7 +15,7 @@ import torch
 from animal_lightning.errors import CheckpointError, DataError
 from animal_lightning.models import AnimalClassifier
 from animal_lightning.prediction import predict, resolve_checkpoint
-from tests.conftest import PROJECT, PickleBomb, compose_config, make_folder, write_image
+from tests.conftest import PROJECT, PickleBomb, compose_config, make_folder, read_rows, write_image
 
 
 def run_predict(trained, tmp_path, *overrides: str) -> dict:
@@ -24,10 +23,6 @@ def run_predict(trained, tmp_path, *overrides: str) -> dict:
                          "num_workers=0", *overrides)
     return predict(cfg)
 
-
-def read_rows(path: Path) -> list[dict]:
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def labelled_copy(trained, tmp_path: Path) -> Path:

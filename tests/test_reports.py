@@ -14,21 +14,13 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
-from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from animal_lightning import reports
 from animal_lightning.callbacks import AugmentationSamples, EvaluationReport, _label
 from animal_lightning.data.transforms import PreprocessSpec
 from animal_lightning.models import AnimalClassifier
-from tests.conftest import FAST
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def read_rows(path: Path) -> list[dict]:
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
+from tests.conftest import FAST, assert_png, read_rows
 
 
 def read_confusion(path: Path) -> tuple[list[str], torch.Tensor]:
@@ -38,11 +30,6 @@ def read_confusion(path: Path) -> tuple[list[str], torch.Tensor]:
     assert [row[0] for row in rows[1:]] == names  # rows and columns in the same class order
     return names, torch.tensor([[int(v) for v in row[1:]] for row in rows[1:]])
 
-
-def assert_png(path: Path) -> None:
-    assert path.read_bytes()[:8] == PNG_SIGNATURE, path
-    with Image.open(path) as image:
-        image.verify()
 
 
 def test_confusion_counts_match_an_independent_count():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import glob
 import json
 import math
@@ -18,7 +17,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from animal_lightning.sweeps import ERROR_FILE, STATUS_FILE, SweepSummary, shared_overrides, summarize
-from tests.conftest import PROJECT
+from tests.conftest import PROJECT, read_rows
 
 pytestmark = pytest.mark.slow
 TINY = ["experiment=demo", "data.num_classes=3", "data.train_per_class=12", "data.test_per_class=3",
@@ -36,10 +35,6 @@ def sweep_dir(tmp_path: Path) -> Path:
     (found,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
     return found
 
-
-def read_rows(path: Path) -> list[dict]:
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def hparams_events(run_dir: Path) -> tuple[set[str], dict[str, float]]:
