@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 
 from animal_lightning import reports
 from animal_lightning.atomic import write_text_atomic
+from animal_lightning.models.classifier import gather_objects
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +28,6 @@ log = logging.getLogger(__name__)
 def _figure_loggers(trainer: Trainer) -> list:
     """The loggers that take images (TensorBoard's SummaryWriter has add_figure; CSV does not)."""
     return [logger.experiment for logger in trainer.loggers if hasattr(logger.experiment, "add_figure")]
-
-
-def _gather_objects(value: Any) -> list:
-    """Every process's `value` (DDP), or [value] in a single process."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        everyone: list = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(everyone, value)
-        return everyone
-    return [value]
 
 
 class EvaluationReport(Callback):
@@ -128,7 +120,7 @@ class EvaluationReport(Callback):
             return
         # Every rank takes part in the reductions; only rank zero draws and writes.
         confusion = trainer.strategy.reduce(self._confusion.to(pl_module.device), reduce_op="sum").long().cpu()
-        worst = sorted((item for rank in _gather_objects(self._worst) for item in rank),
+        worst = sorted((item for rank in gather_objects(self._worst) for item in rank),
                        key=lambda item: -item["confidence"])[: self.worst_images]
         self._confusion, self._worst = None, []
         if not trainer.is_global_zero or int(confusion.sum()) == 0:

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
 from animal_lightning.atomic import write_text_atomic
-from animal_lightning.data.datamodule import default_num_workers, worker_context
+from animal_lightning.data.datamodule import loader_workers, worker_context
 from animal_lightning.data.folders import read_labels_csv
 from animal_lightning.data.images import is_image_name, list_images, load_rgb
 from animal_lightning.data.transforms import PreprocessSpec, eval_transform
@@ -167,8 +167,7 @@ def predict_outputs(model: AnimalClassifier, paths: Sequence[Path], *, batch_siz
     (N x classes), open-set scores (N x 3) and, with attributes, compat (N x seen+unseen); and the errors."""
     if tta not in (None, "hflip"):
         raise DataError(f"tta={tta!r} is not one of: null, hflip")
-    workers = default_num_workers() if num_workers == "auto" else int(num_workers)
-    workers = min(workers, len(paths) // max(1, batch_size))  # no worker start-up for a handful of images
+    workers = loader_workers(num_workers, len(paths), batch_size)
     loader = DataLoader(ImageFiles(paths, model.preprocess), batch_size=batch_size,
                         num_workers=workers, pin_memory=torch.cuda.is_available(),
                         multiprocessing_context=worker_context(workers))
@@ -404,10 +403,9 @@ def write_gradcam(cfg, model: AnimalClassifier, inputs: Inputs, probabilities: t
             requests.append(CamRequest(n, index[label], "true"))
     folder = Path(cfg.get("gradcam_dir") or Path(cfg.output).parent / "gradcam")
     use_gpu = str(cfg.accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    workers = default_num_workers() if cfg.num_workers == "auto" else int(cfg.num_workers)
-    batches = -(-len({r.image for r in requests}) // int(cfg.batch_size))
+    workers = loader_workers(cfg.num_workers, len({r.image for r in requests}), int(cfg.batch_size))
     rows = explain_images(model, inputs.paths, inputs.image_ids, requests, folder, batch_size=int(cfg.batch_size),
-                          num_workers=min(workers, batches), device="cuda" if use_gpu else "cpu")
+                          num_workers=workers, device="cuda" if use_gpu else "cpu")
     write_text_atomic(folder / "index.csv", rows_csv(rows, ["image_id", "kind", "class", "probability", "file",
                                                             "peak_x", "peak_y", "input_size"]))
     print(f"Grad-CAM: {len(rows)} overlays ({model.cam_layer_name} of {model.hparams.backbone}) in {folder}",

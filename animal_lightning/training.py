@@ -241,7 +241,8 @@ def _epochs_completed(trainer: L.Trainer, checkpoint) -> int:
     last = _last_checkpoint(checkpoint)
     if trainer.current_epoch or last is None:
         return trainer.current_epoch
-    return int(torch.load(last, map_location="cpu", weights_only=True).get("epoch", -1)) + 1
+    # mmap: only the epoch is read, not the weights and optimizer state
+    return int(torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("epoch", -1)) + 1
 
 
 def report(summary: dict) -> None:

@@ -86,6 +86,12 @@ def default_num_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
+def loader_workers(num_workers: int | str, images: int, batch_size: int) -> int:
+    """num_workers ("auto" or a number), but no more than there are batches: no worker start-up for a few images."""
+    workers = default_num_workers() if num_workers == "auto" else int(num_workers)
+    return min(workers, images // max(1, batch_size))
+
+
 class AnimalDataModule(LightningDataModule):
     """Photos in root/train/<class>/ (and optional val/, test/), scanned and checked once.
 

@@ -57,6 +57,15 @@ class MeanClassRecall(Metric):
         return (self.correct[present] / self.support[present]).mean()
 
 
+def gather_objects(value) -> list:
+    """Every process's `value` under DDP (all_gather_object), or [value] in a single process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        everyone: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, value)
+        return everyone
+    return [value]
+
+
 def eval_metrics(num_classes: int, prefix: str) -> MetricCollection:
     """The metric names every logger, checkpoint monitor and summary relies on: <prefix>acc, ..."""
     return MetricCollection({
@@ -269,10 +278,7 @@ class AnimalClassifier(LightningModule):
     def _gathered(self) -> dict[str, torch.Tensor]:
         """This epoch's per-image scores from every process (DDP), so each rank calibrates on all images."""
         stats, self._stats = self._stats, []
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            everyone: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(everyone, stats)
-            stats = [batch for rank in everyone for batch in rank]
+        stats = [batch for rank in gather_objects(stats) for batch in rank]
         return {key: torch.cat([s[key] for s in stats]) for key in stats[0]} if stats else {}
 
     def _calibrate(self) -> None:
