@@ -57,11 +57,14 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 6)
 
 
+def _mistakes(confusion: torch.Tensor) -> torch.Tensor:
+    """The confusion matrix with its diagonal (the correct answers) zeroed."""
+    return confusion.clone().fill_diagonal_(0)
+
+
 def confused_pairs(confusion: torch.Tensor, class_names: Sequence[str], top: int = 10) -> list[dict]:
     """The off-diagonal cells with the most images, largest first: {"true", "predicted", "count"}."""
-    off = confusion.clone()
-    off.fill_diagonal_(0)
-    flat = off.flatten()
+    flat = _mistakes(confusion).flatten()
     order = torch.argsort(flat, descending=True, stable=True)[:top]
     n = confusion.shape[0]
     return [{"true": class_names[int(i) // n], "predicted": class_names[int(i) % n], "count": int(flat[i])}
@@ -101,8 +104,7 @@ def plotted_classes(confusion: torch.Tensor, limit: int = MAX_PLOTTED_CLASSES) -
     n = confusion.shape[0]
     if n <= limit:
         return list(range(n))
-    off = confusion.clone()
-    off.fill_diagonal_(0)
+    off = _mistakes(confusion)
     errors = off.sum(0) + off.sum(1)
     keep = torch.argsort(errors, descending=True, stable=True)[:limit]
     return sorted(int(i) for i in keep)

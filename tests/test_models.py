@@ -304,3 +304,33 @@ def test_checkpoint_restores_the_imagenet_variant_of_inception(tmp_path):
     images = torch.randn(1, 3, 299, 299)
     with torch.inference_mode():
         assert torch.allclose(restored(images), model(images), atol=1e-5)
+
+
+def test_zoo_configuration_errors_name_the_setting_and_the_fix(tmp_path):
+    with pytest.raises(ModelConfigError, match=r"unknown timm model 'convnext_tinyy' \(did you mean convnext_tiny"):
+        create_backbone("timm/convnext_tinyy", 3)
+    with pytest.raises(ModelConfigError, match=r"timm model 'resnet50.bad_tag': .*set model.name="):
+        create_backbone("timm/resnet50.bad_tag", 3)
+    with pytest.raises(ModelConfigError, match="model.image_size=72 does not suit vit_b_16: use a multiple of 16"):
+        preprocess_spec("vit_b_16", image_size=72)
+    with pytest.raises(ModelConfigError, match="vit_b_16's ImageNet weights are for 224 px: drop model.image_size"):
+        create_backbone("vit_b_16", 3, pretrained=True, image_size=128)
+    with pytest.raises(WeightsError, match="no pretrained zfnet weights are published: set model.pretrained=false"):
+        create_backbone("zfnet", 3, pretrained=True)
+    with pytest.raises(ModelConfigError, match="model.image_size=64 is too small for inception_v4: use at least 75"):
+        preprocess_spec("inception_v4", image_size=64)
+
+
+def test_weights_path_reads_safetensors_too(tmp_path):
+    from safetensors.torch import save_file
+
+    reference = create_backbone("timm/resnet10t", 1000).net  # a timm state dict, as the Hugging Face hub serves it
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    loaded = create_backbone("timm/resnet10t", 4, weights_path=path)
+    assert torch.equal(loaded.net.conv1[0].weight, reference.conv1[0].weight)
+    assert loaded.net.get_submodule(loaded.head_names[0]).out_features == 4
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not safetensors")
+    with pytest.raises(WeightsError, match="cannot read weights file .*broken.safetensors"):
+        create_backbone("timm/resnet10t", 4, weights_path=broken)
