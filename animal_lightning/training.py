@@ -113,17 +113,31 @@ def build_model(cfg: DictConfig, datamodule: AnimalDataModule) -> AnimalClassifi
 
 
 def resume_in_run_folder(cfg: DictConfig) -> None:
-    """Resuming from <run>/checkpoints/*.ckpt continues in <run>: its best.ckpt and best score stay valid.
+    """Pick the checkpoint to resume from, and continue in its run folder.
 
-    In a new folder Lightning's ModelCheckpoint would forget the best score (it only trusts its own
-    folder), so the first epoch after resuming would become "best" however bad it was.
+    `ckpt_path=last` is the newest run's checkpoints/last.ckpt. Without ckpt_path, a run folder that
+    already holds checkpoints/last.ckpt (a requeued cluster job, or a rerun with a fixed hydra.run.dir)
+    continues from it (`auto_resume`). Resuming from <run>/checkpoints/*.ckpt continues in <run>: its
+    best.ckpt and best score stay valid. In a new folder Lightning's ModelCheckpoint would forget the best
+    score (it only trusts its own folder), so the first epoch after resuming would become "best" however bad.
     """
     ckpt = cfg.get("ckpt_path")
     if not ckpt:
+        last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        if cfg.get("auto_resume", True) and last.is_file():
+            log.info("%s exists: resuming from it (auto_resume=false starts afresh)", last)
+            print(f"Resuming from {last} (this run folder's own last checkpoint)", flush=True)
+            cfg.ckpt_path = str(last)
         return
+    if ckpt == "last":
+        from animal_lightning.prediction import resolve_checkpoint
+
+        cfg.ckpt_path = ckpt = str(resolve_checkpoint("last", cfg.paths.log_dir))
+        print(f"Resuming from {ckpt} (the newest run's last checkpoint)", flush=True)
     ckpt = Path(ckpt).expanduser()
     if not ckpt.is_file():
-        raise ModelConfigError(f"ckpt_path={ckpt} not found: pass the run's checkpoints/last.ckpt to resume")
+        raise ModelConfigError(f"ckpt_path={ckpt} not found: pass ckpt_path=last or the run's "
+                               "checkpoints/last.ckpt to resume")
     if ckpt.parent.name == "checkpoints" and cfg.get("resume_in_place", True):
         run_dir = ckpt.resolve().parent.parent
         log.info("resuming %s: continuing in its run folder %s", ckpt, run_dir)
@@ -188,7 +202,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     if cfg.get("tune") and not cfg.get("ckpt_path"):
         tune(cfg.tune, trainer, model, datamodule, output_dir)
-    trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     val_metrics = _plain(trainer.callback_metrics, "val/")
 
     checkpoint = trainer.checkpoint_callback

@@ -1,0 +1,166 @@
+"""Preemption: on a cluster's signal, save the run mid-epoch, requeue the job, and resume where it stopped.
+
+Clusters stop jobs with a signal and a grace period: SLURM sends SIGTERM when it preempts, and the
+signal named by `--signal` (submitit: SIGUSR2; Lightning's convention: SIGUSR1) shortly before the
+time limit. `PreemptionCheckpoint` turns any of them into: finish the current batch, write
+`<run>/checkpoints/last.ckpt` (loop state included, so Lightning resumes mid-epoch), requeue, exit.
+
+Requeueing: for the time-limit signals the handler that was there before (submitit's, under
+`hydra/launcher=slurm`) is called after the checkpoint is safe, so submitit resubmits the same job;
+without one, a SLURM job is requeued with `scontrol requeue`. A requeued job has the same run folder
+(submitit's pickled sweep folder, or a `hydra.run.dir` naming `$SLURM_JOB_ID`), and `train.py`
+resumes any run folder that already holds `checkpoints/last.ckpt` (`auto_resume`).
+
+Under DDP every rank gets the signal at a different moment; the ranks agree on the batch to stop at
+every `sync_every_n_batches` batches (one small all-reduce), so all of them save together.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from animal_lightning.errors import ModelConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+
+
+class Preempted(SystemExit):
+    """Training stopped on a signal after saving `checkpoint`; the exit status is 128 + the signal number,
+    as if the signal had ended the process, so schedulers and shells read it the usual way."""
+
+    def __init__(self, signum: int, checkpoint: Path):
+        super().__init__(128 + int(signum))
+        self.signum = int(signum)
+        self.checkpoint = checkpoint
+
+    def __str__(self) -> str:
+        return (f"stopped by {signal.Signals(self.signum).name}: checkpoint saved to {self.checkpoint}; "
+                f"resume with ckpt_path={self.checkpoint}")
+
+
+def parse_signal(name: str | int) -> signal.Signals:
+    """`SIGTERM`, `TERM`, `usr1` or a number -> the signal; anything else is a one-line config error."""
+    if isinstance(name, int) or str(name).isdigit():
+        try:
+            return signal.Signals(int(name))
+        except ValueError:
+            pass
+    else:
+        upper = str(name).upper()
+        found = getattr(signal, upper if upper.startswith("SIG") else f"SIG{upper}", None)
+        if isinstance(found, signal.Signals) and found not in (signal.SIGKILL, signal.SIGSTOP):
+            return found
+    raise ModelConfigError(f"callbacks.preemption.signals: {name!r} is not a signal that can be caught; "
+                           f"use names like {', '.join(DEFAULT_SIGNALS)}")
+
+
+class PreemptionCheckpoint(Callback):
+    """Save `last.ckpt` and stop (then requeue) when one of `signals` arrives during training."""
+
+    def __init__(self, signals: list[str | int] | tuple = DEFAULT_SIGNALS, requeue: bool = True,
+                 sync_every_n_batches: int = 10):
+        if int(sync_every_n_batches) < 1:
+            raise ModelConfigError(f"callbacks.preemption.sync_every_n_batches={sync_every_n_batches} "
+                                   "must be at least 1")
+        self.signals = [parse_signal(name) for name in signals]
+        self.requeue = bool(requeue)
+        self.sync_every_n_batches = int(sync_every_n_batches)
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
+
+    # -- the handler: only note the signal; the work happens between batches ---------------------------
+    def _note(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:
+            # A DataLoader worker forked during training (clusters signal every process): keep serving
+            # batches until the trainer has saved and stops; a second signal ends the worker as usual.
+            signal.signal(signum, signal.SIG_DFL)
+            return
+        if self.received is None:
+            self.received = signum
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit" or threading.current_thread() is not threading.main_thread():
+            return
+        self.received = None
+        self._pid = os.getpid()
+        for signum in self.signals:
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._note)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit" or threading.current_thread() is not threading.main_thread():
+            return
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    # -- between batches -------------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        stop = self.received is not None
+        if trainer.world_size > 1:
+            if (batch_idx + 1) % self.sync_every_n_batches:
+                return
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            self._save_and_stop(trainer)
+
+    def _save_and_stop(self, trainer: Trainer) -> None:
+        signum = self.received if self.received is not None else signal.SIGTERM
+        if trainer.world_size > 1:
+            signum = trainer.strategy.broadcast(signum, src=0)
+        path = checkpoint_path(trainer)
+        trainer.save_checkpoint(path, weights_only=False)  # all of it, loops included; every rank calls it (barrier)
+        stopped = Preempted(signum, path)
+        if trainer.is_global_zero:
+            log.warning("%s (epoch %d, step %d)", stopped, trainer.current_epoch, trainer.global_step)
+            print(f"Preempted: {stopped}", flush=True)
+        if self.requeue and signum != signal.SIGTERM:
+            self._requeue(trainer, signum)
+        raise stopped
+
+    def _requeue(self, trainer: Trainer, signum: int) -> None:
+        """The time-limit signal: let the launcher that installed a handler for it requeue (submitit
+        resubmits its job and exits), else ask SLURM to requeue this job. SIGTERM is left to the cluster:
+        SLURM requeues a preempted job itself where the partition says so."""
+        previous = self._previous.get(signum)
+        if callable(previous):
+            previous(signum, None)
+            return
+        job = slurm_job_id()
+        if job is None or not trainer.is_global_zero:
+            return
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, check=False)
+        if result.returncode == 0:
+            print(f"Requeued SLURM job {job}: it resumes from the checkpoint when it starts again", flush=True)
+        else:
+            log.warning("scontrol requeue %s failed (%s): resubmit the job yourself", job,
+                        (result.stderr or result.stdout).strip())
+
+
+def checkpoint_path(trainer: Trainer) -> Path:
+    """Where the run's ModelCheckpoint keeps last.ckpt (the file train.py resumes from)."""
+    callback = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.dirpath), None)
+    folder = Path(callback.dirpath) if callback is not None else Path(trainer.default_root_dir) / "checkpoints"
+    name = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION
+    return folder / name
+
+
+def slurm_job_id() -> str | None:
+    """This SLURM job's id (`<array job>_<task>` for an array task), or None outside SLURM."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    job = f"{array_job}_{task}" if array_job and task else os.environ.get("SLURM_JOB_ID")
+    return job if job and re.fullmatch(r"[0-9_]+", job) else None
