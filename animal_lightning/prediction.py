@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from animal_lightning.atomic import write_text_atomic
@@ -28,6 +29,7 @@ from animal_lightning.data.transforms import PreprocessSpec, eval_transform
 from animal_lightning.errors import CheckpointError, DataError
 from animal_lightning.hardware import auto_precision
 from animal_lightning.models import AnimalClassifier, openset
+from animal_lightning.models.classifier import gather_objects
 from animal_lightning.reports import rows_csv
 
 log = logging.getLogger(__name__)
@@ -142,16 +144,34 @@ class ImageFiles(Dataset):
 
 # -- running the model ----------------------------------------------------------------------------------
 class _Collect(BasePredictionWriter):
-    """Keeps each batch's outputs and decoding errors (which Trainer.predict would drop)."""
+    """Keeps each batch's outputs, decoding errors (which Trainer.predict would drop) and dataset indices.
 
-    def __init__(self):
+    Under DDP each process predicts its own share (Lightning's unrepeated sampler: every image once);
+    at the end every process receives all of them, put back in dataset order.
+    """
+
+    def __init__(self, total: int):
         super().__init__(write_interval="batch")
-        self.outputs: list[dict[str, torch.Tensor]] = []
+        self.total = total
+        self.parts: list[tuple[list[int], dict[str, torch.Tensor], list[str]]] = []
+        self.outputs: dict[str, torch.Tensor] = {}
         self.errors: list[str] = []
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        self.outputs.append({key: value.float().cpu() for key, value in prediction.items()})
-        self.errors.extend(batch[1])
+        outputs = {key: value.float().cpu() for key, value in prediction.items()}
+        self.parts.append((list(batch_indices), outputs, list(batch[1])))
+
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        parts = [part for rank_parts in gather_objects(self.parts) for part in rank_parts]
+        indices = [index for batch_indices, _, _ in parts for index in batch_indices]
+        if sorted(indices) != list(range(self.total)):
+            raise RuntimeError(f"prediction covered {len(indices)} images ({len(set(indices))} distinct) "
+                               f"instead of each of the {self.total} exactly once")
+        order = torch.tensor(indices).argsort()
+        self.outputs = {key: torch.cat([out[key] for _, out, _ in parts])[order] for key in parts[0][1]}
+        errors = [error for _, _, batch_errors in parts for error in batch_errors]
+        self.errors = [errors[i] for i in order.tolist()]
+        self.parts = []
 
 
 def predict_probabilities(model: AnimalClassifier, paths: Sequence[Path], **kwargs) -> tuple[torch.Tensor, list[str]]:
@@ -162,24 +182,30 @@ def predict_probabilities(model: AnimalClassifier, paths: Sequence[Path], **kwar
 
 def predict_outputs(model: AnimalClassifier, paths: Sequence[Path], *, batch_size: int = 64,
                     num_workers: int | str = "auto", accelerator: str = "auto", precision: str = "auto",
-                    tta: str | None = None, progress: bool = True) -> tuple[dict[str, torch.Tensor], list[str]]:
+                    tta: str | None = None, progress: bool = True, devices: int | str = 1,
+                    num_nodes: int = 1) -> tuple[dict[str, torch.Tensor], list[str]]:
     """What predict_step returns for every image, concatenated in the order of `paths`: probabilities
-    (N x classes), open-set scores (N x 3) and, with attributes, compat (N x seen+unseen); and the errors."""
+    (N x classes), open-set scores (N x 3) and, with attributes, compat (N x seen+unseen); and the errors.
+
+    devices > 1 (or num_nodes > 1) predicts with DDP: Lightning starts the other processes by running the
+    same command again (or SLURM/torchrun already did); each process gets every result, in order."""
     if tta not in (None, "hflip"):
         raise DataError(f"tta={tta!r} is not one of: null, hflip")
+    if not paths:
+        return {"probabilities": torch.zeros(0, len(model.class_names)), "scores": torch.zeros(0, 3)}, []
     workers = loader_workers(num_workers, len(paths), batch_size)
     loader = DataLoader(ImageFiles(paths, model.preprocess), batch_size=batch_size,
                         num_workers=workers, pin_memory=torch.cuda.is_available(),
                         multiprocessing_context=worker_context(workers))
     model.predict_tta = tta
-    collect = _Collect()
-    trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
+    collect = _Collect(len(paths))
+    distributed = devices not in (1, "1") or int(num_nodes) > 1
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=int(num_nodes),
+                        strategy="ddp" if distributed else "auto", logger=False, enable_checkpointing=False,
                         enable_model_summary=False, enable_progress_bar=progress, callbacks=[collect],
                         precision=auto_precision(accelerator) if precision == "auto" else precision)
     trainer.predict(model, dataloaders=loader, return_predictions=False)
-    if not collect.outputs:
-        return {"probabilities": torch.zeros(0, len(model.class_names)), "scores": torch.zeros(0, 3)}, []
-    return {key: torch.cat([o[key] for o in collect.outputs]) for key in collect.outputs[0]}, collect.errors
+    return collect.outputs, collect.errors
 
 
 @dataclass
@@ -324,10 +350,16 @@ def write_predictions(rows: Sequence[dict], output: Path, fmt: str = "csv") -> l
 
 
 # -- the job behind predict.py --------------------------------------------------------------------------
+def say(message: str) -> None:
+    """Print on the first process only (under DDP every process runs predict.py)."""
+    if rank_zero_only.rank == 0:
+        print(message, flush=True)
+
+
 def predict(cfg) -> dict:
     """Resolve the checkpoint, then export it, or predict the input and write (and score) the results."""
     checkpoint = resolve_checkpoint(cfg.get("ckpt_path"), cfg.paths.log_dir)
-    print(f"Checkpoint: {checkpoint}", flush=True)
+    say(f"Checkpoint: {checkpoint}")
     model, meta = AnimalClassifier.from_checkpoint(checkpoint)
     if cfg.get("export"):
         from animal_lightning.export import export_model
@@ -344,11 +376,13 @@ def predict(cfg) -> dict:
         labels_csv = labels_csv or meta.get("test_labels")  # the demo's labels for its own test folder
     inputs = collect_inputs(source, model.all_class_names, recursive=bool(cfg.get("recursive", False)),
                             labels_csv=labels_csv)
-    print(f"Predicting {len(inputs.paths)} images from {inputs.description}", flush=True)
+    say(f"Predicting {len(inputs.paths)} images from {inputs.description}")
     outputs, errors = predict_outputs(
         model, inputs.paths, batch_size=int(cfg.batch_size), num_workers=cfg.num_workers,
         accelerator=str(cfg.accelerator), precision=str(cfg.precision), tta=cfg.get("tta"),
-        progress=bool(cfg.get("progress", True)))
+        progress=bool(cfg.get("progress", True)), devices=cfg.get("devices", 1), num_nodes=cfg.get("num_nodes", 1))
+    if rank_zero_only.rank != 0:  # DDP: every process has all the results; the first one writes them
+        return {"images": len(inputs.paths), "rank": rank_zero_only.rank}
     probabilities = outputs["probabilities"]
     decisions = decide(model, outputs, score=cfg.get("open_set_score"), keep=cfg.get("keep_known"),
                        penalty=cfg.get("seen_penalty"))

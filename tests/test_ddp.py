@@ -50,6 +50,26 @@ def test_two_cpu_processes_agree_write_once_and_count_each_test_image_once(tmp_p
     diagonal = sum(counts[i][i] for i in range(len(counts)))
     assert ranks[0]["test/acc"] == pytest.approx(diagonal / labelled, abs=1e-6)
 
+    # prediction on 2 processes: every test image exactly once, in the input order, as one process gives them
+    predicted = {}
+    for devices in (1, 2):
+        output = tmp_path / f"predictions{devices}.csv"
+        best = run / "checkpoints" / "best.ckpt"
+        command = [sys.executable, str(PROJECT / "predict.py"), f"ckpt_path={best}", f"input={root / 'test'}",
+                   "accelerator=cpu", f"devices={devices}", "precision=32-true", "batch_size=4", "num_workers=0",
+                   "progress=false", f"output={output}", f"paths.root_dir={tmp_path}"]
+        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                                env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert result.stdout.count("Predicting 21 images") == 1  # the second process stays quiet
+        with output.open(newline="") as handle:
+            predicted[devices] = list(csv.DictReader(handle))
+    ids = [row["image_id"] for row in predicted[2]]
+    assert ids == sorted(p.name for p in (root / "test").iterdir() if p.suffix == ".jpg")  # 21, once each, in order
+    assert [row["class"] for row in predicted[2]] == [row["class"] for row in predicted[1]]
+    assert [float(r["confidence"]) for r in predicted[2]] == pytest.approx([float(r["confidence"])
+                                                                           for r in predicted[1]], abs=1e-5)
+
 
 def test_ddp_with_a_frozen_backbone_expects_unused_parameters(compose_cfg):
     from animal_lightning.training import build_trainer

@@ -268,3 +268,18 @@ def test_lightnings_own_loader_restores_the_preprocessing_too(trained):
     model = AnimalClassifier.load_from_checkpoint(trained["ckpt"], weights_only=True)
     assert model.preprocess == AnimalClassifier.from_checkpoint(trained["ckpt"])[0].preprocess
     assert model.preprocess.resize_mode == "squash"
+
+
+def test_gathered_predictions_go_back_in_input_order_and_a_gap_is_an_error():
+    from animal_lightning.prediction import _Collect
+
+    collect = _Collect(4)
+    # two processes' shares, interleaved as Lightning's unrepeated sampler deals them
+    collect.parts = [([1, 3], {"probabilities": torch.tensor([[1.0], [3.0]])}, ["", "bad.jpg: truncated"]),
+                     ([0, 2], {"probabilities": torch.tensor([[0.0], [2.0]])}, ["", ""])]
+    collect.on_predict_epoch_end(None, None)
+    assert collect.outputs["probabilities"].flatten().tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert collect.errors == ["", "", "", "bad.jpg: truncated"]
+    collect.parts = [([0, 1, 1], {"probabilities": torch.zeros(3, 1)}, ["", "", ""])]
+    with pytest.raises(RuntimeError, match="covered 3 images \\(2 distinct\\) instead of each of the 4 exactly once"):
+        collect.on_predict_epoch_end(None, None)
