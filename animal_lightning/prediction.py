@@ -204,6 +204,10 @@ def predict_outputs(model: AnimalClassifier, paths: Sequence[Path], *, batch_siz
                         strategy="ddp" if distributed else "auto", logger=False, enable_checkpointing=False,
                         enable_model_summary=False, enable_progress_bar=progress, callbacks=[collect],
                         precision=auto_precision(accelerator) if precision == "auto" else precision)
+    processes = trainer.num_devices * trainer.num_nodes
+    if distributed and len(paths) < processes:  # a process without images would wait for the others forever
+        raise DataError(f"{len(paths)} images cannot be shared by {processes} processes: predict them with "
+                        "devices=1")
     trainer.predict(model, dataloaders=loader, return_predictions=False)
     return collect.outputs, collect.errors
 

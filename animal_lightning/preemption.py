@@ -37,17 +37,22 @@ DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 
 
 class Preempted(SystemExit):
-    """Training stopped on a signal after saving `checkpoint`; the exit status is 128 + the signal number,
-    as if the signal had ended the process, so schedulers and shells read it the usual way."""
+    """Training stopped on a signal; the exit status is 128 + the signal number, as if the signal had ended
+    the process, so schedulers and shells read it the usual way. `saved`: the checkpoint was written at the
+    stop; otherwise it is the latest one there was (the signal came during validation: the last epoch end)."""
 
-    def __init__(self, signum: int, checkpoint: Path):
+    def __init__(self, signum: int, checkpoint: Path | None, saved: bool = True):
         super().__init__(128 + int(signum))
         self.signum = int(signum)
         self.checkpoint = checkpoint
+        self.saved = saved
 
     def __str__(self) -> str:
-        return (f"stopped by {signal.Signals(self.signum).name}: checkpoint saved to {self.checkpoint}; "
-                f"resume with ckpt_path={self.checkpoint}")
+        name = signal.Signals(self.signum).name
+        if self.checkpoint is None:
+            return f"stopped by {name} before the first checkpoint: start the run again"
+        where = "checkpoint saved to" if self.saved else "outside a training batch; the latest checkpoint is"
+        return f"stopped by {name}: {where} {self.checkpoint}; resume with ckpt_path={self.checkpoint}"
 
 
 def parse_signal(name: str | int) -> signal.Signals:
@@ -67,7 +72,13 @@ def parse_signal(name: str | int) -> signal.Signals:
 
 
 class PreemptionCheckpoint(Callback):
-    """Save `last.ckpt` and stop (then requeue) when one of `signals` arrives during training."""
+    """Save `last.ckpt` and stop (then requeue) when one of `signals` arrives during training.
+
+    The handlers go in at the start of training, after Lightning's own: for SIGTERM Lightning would stop
+    each rank on its own at the end of the batch without saving (and broadcast from inside the handler);
+    here the ranks agree first and all save. Lightning puts the earlier handlers back when fit ends, on the
+    normal and the exception path alike. A signal during validation is acted on at the epoch's end.
+    """
 
     def __init__(self, signals: list[str | int] | tuple = DEFAULT_SIGNALS, requeue: bool = True,
                  sync_every_n_batches: int = 10):
@@ -79,51 +90,69 @@ class PreemptionCheckpoint(Callback):
         self.sync_every_n_batches = int(sync_every_n_batches)
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
+        self._active = False
         self._pid = os.getpid()
 
     # -- the handler: only note the signal; the work happens between batches ---------------------------
     def _note(self, signum: int, frame: Any) -> None:
-        if os.getpid() != self._pid:
-            # A DataLoader worker forked during training (clusters signal every process): keep serving
-            # batches until the trainer has saved and stops; a second signal ends the worker as usual.
+        if os.getpid() != self._pid:  # a forked DataLoader worker that did not run worker_init (see below)
             signal.signal(signum, signal.SIG_DFL)
             return
         if self.received is None:
             self.received = signum
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit" or threading.current_thread() is not threading.main_thread():
-            return
-        self.received = None
-        self._pid = os.getpid()
-        for signum in self.signals:
-            self._previous[signum] = signal.getsignal(signum)
-            signal.signal(signum, self._note)
+        from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
+
+        self._active = stage == "fit" and threading.current_thread() is threading.main_thread() and \
+            not any(isinstance(c, (BatchSizeFinder, LearningRateFinder)) for c in trainer.callbacks)  # not tuning
+        if self._active:
+            self.received = None
+            self._pid = os.getpid()
+            self._previous = {signum: signal.getsignal(signum) for signum in self.signals}  # before Lightning's
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._active:
+            for signum in self.signals:
+                signal.signal(signum, self._note)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit" or threading.current_thread() is not threading.main_thread():
-            return
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-        self._previous = {}
+        if self._active:
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._active = False
 
     # -- between batches -------------------------------------------------------------------------------
+    def _agreed(self, trainer: Trainer) -> int:
+        """The signal to stop for (0: none). Under DDP every rank must call this at the same point."""
+        received = self.received or 0
+        if trainer.world_size > 1:
+            import torch
+
+            received = int(trainer.strategy.reduce(torch.tensor(received, device=trainer.strategy.root_device),
+                                                   reduce_op="max"))
+        return received
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        stop = self.received is not None
-        if trainer.world_size > 1:
-            if (batch_idx + 1) % self.sync_every_n_batches:
-                return
-            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if stop:
-            self._save_and_stop(trainer)
+        if not self._active or (trainer.world_size > 1 and (batch_idx + 1) % self.sync_every_n_batches):
+            return
+        signum = self._agreed(trainer)
+        if signum:
+            self._save_and_stop(trainer, signum)
 
-    def _save_and_stop(self, trainer: Trainer) -> None:
-        signum = self.received if self.received is not None else signal.SIGTERM
-        if trainer.world_size > 1:
-            signum = trainer.strategy.broadcast(signum, src=0)
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._active:
+            signum = self._agreed(trainer)
+            if signum:
+                self._save_and_stop(trainer, signum)
+
+    def _save_and_stop(self, trainer: Trainer, signum: int) -> None:
         path = checkpoint_path(trainer)
-        trainer.save_checkpoint(path, weights_only=False)  # all of it, loops included; every rank calls it (barrier)
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath and Path(callback.dirpath) == path.parent:
+                callback.last_model_path = str(path)  # part of the saved state: after resuming, last.ckpt stays
+        trainer.save_checkpoint(path, weights_only=False)  # all of it, loops included; every rank (barrier)
         stopped = Preempted(signum, path)
         if trainer.is_global_zero:
             log.warning("%s (epoch %d, step %d)", stopped, trainer.current_epoch, trainer.global_step)
@@ -135,7 +164,7 @@ class PreemptionCheckpoint(Callback):
     def _requeue(self, trainer: Trainer, signum: int) -> None:
         """The time-limit signal: let the launcher that installed a handler for it requeue (submitit
         resubmits its job and exits), else ask SLURM to requeue this job. SIGTERM is left to the cluster:
-        SLURM requeues a preempted job itself where the partition says so."""
+        SLURM requeues a preempted job itself where the partition's PreemptMode says REQUEUE."""
         previous = self._previous.get(signum)
         if callable(previous):
             previous(signum, None)
@@ -149,6 +178,28 @@ class PreemptionCheckpoint(Callback):
         else:
             log.warning("scontrol requeue %s failed (%s): resubmit the job yourself", job,
                         (result.stderr or result.stdout).strip())
+
+
+def _defer_once(signum: int, frame: Any) -> None:
+    signal.signal(signum, signal.SIG_DFL)
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader worker start-up: survive the first stop signal, and seed as Lightning would.
+
+    Clusters signal every process of a job, loader workers included. torch's workers die on a SIGTERM
+    that does not come from their parent, and the training process would then fail mid-step before it
+    could save. Here a worker lets the first SIGTERM/SIGUSR1/SIGUSR2 pass (a second one ends it as
+    usual) and keeps serving batches until training has saved and shuts it down. Lightning adds its own
+    seeding worker_init_fn only where there is none, so this one calls it (seed_everything(workers=True)).
+    """
+    for signum in (signal.SIGTERM, *(getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2") if
+                                      hasattr(signal, name))):
+        signal.signal(signum, _defer_once)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        from lightning.fabric.utilities.seed import pl_worker_init_function
+
+        pl_worker_init_function(worker_id)
 
 
 def checkpoint_path(trainer: Trainer) -> Path:

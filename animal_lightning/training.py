@@ -6,10 +6,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import math
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from animal_lightning.atomic import write_text_atomic
@@ -28,6 +31,7 @@ from animal_lightning.data import AnimalDataModule
 from animal_lightning.errors import AnimalLightningError, ModelConfigError
 from animal_lightning.hardware import auto_precision
 from animal_lightning.models import AnimalClassifier
+from animal_lightning.preemption import Preempted
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +206,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     if cfg.get("tune") and not cfg.get("ckpt_path"):
         tune(cfg.tune, trainer, model, datamodule, output_dir)
-    trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    with _sigterm_exits_143(trainer):
+        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     val_metrics = _plain(trainer.callback_metrics, "val/")
 
     checkpoint = trainer.checkpoint_callback
@@ -212,7 +217,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # Restoring best.ckpt with Lightning's weight-averaging callback still attached would put the raw weights
         # back; test the averaged ones, which validation scored and the checkpoint holds (as prediction does).
         trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, WeightAveraging)]
-        trainer.test(model=model, datamodule=datamodule, ckpt_path=best, weights_only=True)
+        with _sigterm_exits_143(trainer):
+            trainer.test(model=model, datamodule=datamodule, ckpt_path=best, weights_only=True)
         test_metrics = _plain(trainer.callback_metrics, "test/")
 
     results = {**val_metrics, **test_metrics}
@@ -235,6 +241,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         write_text_atomic(output_dir / "metrics.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
         report(summary)
     return {**val_metrics, **test_metrics, "best_checkpoint": best}
+
+
+@contextlib.contextmanager
+def _sigterm_exits_143(trainer: L.Trainer):
+    """Lightning's own SIGTERM handling (in testing, or in training without callbacks.preemption) stops with
+    a SystemExit of status 0, which a scheduler reads as success; exit as SIGTERM would (143) instead, saying
+    which checkpoint the run resumes from."""
+    try:
+        yield
+    except SIGTERMException:
+        last = _last_checkpoint(trainer.checkpoint_callback)
+        stopped = Preempted(signal.SIGTERM, Path(last) if last else None, saved=False)
+        print(f"Preempted: {stopped}", flush=True)
+        raise stopped from None
 
 
 def _last_checkpoint(checkpoint) -> str | None:

@@ -283,3 +283,12 @@ def test_gathered_predictions_go_back_in_input_order_and_a_gap_is_an_error():
     collect.parts = [([0, 1, 1], {"probabilities": torch.zeros(3, 1)}, ["", "", ""])]
     with pytest.raises(RuntimeError, match="covered 3 images \\(2 distinct\\) instead of each of the 4 exactly once"):
         collect.on_predict_epoch_end(None, None)
+
+
+def test_fewer_images_than_ddp_processes_is_refused_before_starting_them(trained, tmp_path):
+    from animal_lightning.prediction import predict_outputs
+
+    model, _ = AnimalClassifier.from_checkpoint(trained["ckpt"])
+    one = sorted((trained["root"] / "test").glob("*.jpg"))[:1]
+    with pytest.raises(DataError, match="1 images cannot be shared by 2 processes: predict them with devices=1"):
+        predict_outputs(model, one, accelerator="cpu", devices=2, num_workers=0, progress=False)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +24,7 @@ from tests.conftest import FAST, PROJECT
 STEPS_PER_EPOCH = 13
 SMALL = ["data=synthetic", "data.num_classes=4", "data.train_per_class=30", "data.test_per_class=8",
          "data.image_size=32", *FAST, "data.batch_size=8", "trainer.max_epochs=2"]
-FAULT = ["+callbacks.fault._target_=faults.SignalAt", "+callbacks.fault.epoch=1", "+callbacks.fault.batch=3"]
+FAULT = "+callbacks.fault._target_=faults.SignalAt"
 
 
 def run_train(tmp_path: Path, *overrides: str, new_session: bool = False) -> subprocess.CompletedProcess:
@@ -34,19 +35,46 @@ def run_train(tmp_path: Path, *overrides: str, new_session: bool = False) -> sub
                           start_new_session=new_session)
 
 
+def children(pid: int) -> list[int]:
+    """The live child processes of `pid` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # fields after the name: state, ppid, ...
+            found.append(int(stat.parent.name))
+    return found
+
+
 def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.mark.slow
 def test_sigterm_mid_epoch_saves_last_ckpt_and_ckpt_path_last_finishes_the_run(tmp_path, synthetic_root):
-    # SIGTERM to the whole process group, DataLoader workers included, as SLURM preempts a job step
-    first = run_train(tmp_path, *SMALL, f"data.root={synthetic_root}", "data.num_workers=2", *FAULT,
-                      "+callbacks.fault.signal=SIGTERM", new_session=True)
-    assert first.returncode == 128 + signal.SIGTERM, first.stderr[-3000:]
+    # SIGTERM from outside to the whole process group, DataLoader workers included, as slurmstepd preempts
+    marker = tmp_path / "signal"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": os.pathsep.join([str(PROJECT / "tests"),
+                                                                                   str(PROJECT)])}
+    command = [sys.executable, str(PROJECT / "train.py"), *SMALL, f"data.root={synthetic_root}",
+               "data.num_workers=2", FAULT, "+callbacks.fault.epoch=1", "+callbacks.fault.batch=3",
+               f"+callbacks.fault.wait_for={marker}", f"paths.root_dir={tmp_path}"]
+    with subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
+        deadline = time.monotonic() + 300
+        while not Path(f"{marker}.ready").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        assert len(children(process.pid)) >= 2  # the train loader's workers are alive and get the signal too
+        os.killpg(process.pid, signal.SIGTERM)
+        Path(f"{marker}.sent").write_text("")
+        stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     [run] = (tmp_path / "logs" / "train" / "runs").iterdir()
     last = run / "checkpoints" / "last.ckpt"
-    assert f"Preempted: stopped by SIGTERM: checkpoint saved to {last}" in first.stdout
+    assert f"Preempted: stopped by SIGTERM: checkpoint saved to {last}" in stdout
     saved = load(last)
     assert (saved["epoch"], saved["global_step"]) == (1, STEPS_PER_EPOCH + 4)  # mid-epoch: batch 3 finished
     assert saved["optimizer_states"] and saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]
@@ -59,6 +87,27 @@ def test_sigterm_mid_epoch_saves_last_ckpt_and_ckpt_path_last_finishes_the_run(t
     assert metrics["epochs_completed"] == 2 and metrics["test"]["test/acc"] is not None
     # the resumed epoch ran only its remaining batches: two epochs' worth of steps in all
     assert load(last)["global_step"] == 2 * STEPS_PER_EPOCH
+    assert not list(run.glob("checkpoints/last-v*.ckpt"))  # resuming kept writing last.ckpt itself
+
+
+@pytest.mark.slow
+def test_sigterm_during_validation_stops_at_the_epoch_end_and_the_run_folder_resumes_itself(tmp_path,
+                                                                                           synthetic_root):
+    first = run_train(tmp_path, *SMALL, f"data.root={synthetic_root}", "data.num_workers=0", FAULT,
+                      "+callbacks.fault.signal=SIGTERM", "+callbacks.fault.stage=validate", "+callbacks.fault.batch=0",
+                      "+callbacks.fault.epoch=0", "+callbacks.fault.group=false")
+    assert first.returncode == 128 + signal.SIGTERM, first.stderr[-3000:]  # not Lightning's exit status 0
+    [run] = (tmp_path / "logs" / "train" / "runs").iterdir()
+    last = run / "checkpoints" / "last.ckpt"
+    assert f"Preempted: stopped by SIGTERM: checkpoint saved to {last}" in first.stdout
+    assert load(last)["global_step"] == STEPS_PER_EPOCH  # validation finished, then the epoch's end was saved
+
+    # the same run folder again (as a requeued job gets it): it resumes by itself with epoch 1
+    second = run_train(tmp_path, *SMALL, f"data.root={synthetic_root}", "data.num_workers=0", f"hydra.run.dir={run}")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"Resuming from {last} (this run folder's own last checkpoint)" in second.stdout
+    assert json.loads((run / "metrics.json").read_text())["epochs_completed"] == 2
+    assert load(last)["global_step"] == 2 * STEPS_PER_EPOCH
 
 
 @pytest.mark.slow
@@ -66,7 +115,8 @@ def test_time_limit_signal_under_submitit_requeues_and_the_job_resumes_itself(tm
     # submitit's SIGUSR2: the job saves, submitit requeues it, the requeued job finds its last.ckpt and resumes
     once = tmp_path / "signalled"
     result = run_train(tmp_path, "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", *SMALL,
-                       f"data.root={synthetic_root}", "data.num_workers=0", *FAULT, "+callbacks.fault.signal=SIGUSR2",
+                       f"data.root={synthetic_root}", "data.num_workers=0", FAULT, "+callbacks.fault.epoch=1",
+                       "+callbacks.fault.batch=3", "+callbacks.fault.signal=SIGUSR2",
                        "+callbacks.fault.group=false", f"+callbacks.fault.once={once}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert once.exists()  # the first attempt was signalled
@@ -81,18 +131,47 @@ def test_time_limit_signal_under_submitit_requeues_and_the_job_resumes_itself(tm
     assert "| completed |" in (sweep / "summary.md").read_text()
 
 
-def test_handlers_are_installed_for_fit_only_and_restored_after(monkeypatch):
+def test_handlers_go_in_when_training_starts_and_come_out_after(monkeypatch):
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    trainer = SimpleNamespace(callbacks=[])
     callback = PreemptionCheckpoint()
-    callback.setup(None, None, stage="test")
-    assert {s: signal.getsignal(s) for s in before} == before
-    callback.setup(None, None, stage="fit")
+    callback.setup(trainer, None, stage="test")
+    callback.on_train_start(trainer, None)
+    assert {s: signal.getsignal(s) for s in before} == before  # not when testing
+    callback.setup(trainer, None, stage="fit")
+    assert {s: signal.getsignal(s) for s in before} == before  # not before Lightning has put in its own
+    callback.on_train_start(trainer, None)
     assert all(signal.getsignal(s) == callback._note for s in before)
     os.kill(os.getpid(), signal.SIGUSR1)  # noted, not acted on: the process goes on
     os.kill(os.getpid(), signal.SIGTERM)
     assert callback.received == signal.SIGUSR1  # the first one counts
-    callback.teardown(None, None, stage="fit")
+    callback.teardown(trainer, None, stage="fit")
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_tuning_runs_are_left_alone():
+    from lightning.pytorch.callbacks import LearningRateFinder
+
+    before = signal.getsignal(signal.SIGTERM)
+    trainer = SimpleNamespace(callbacks=[LearningRateFinder()])
+    callback = PreemptionCheckpoint()
+    callback.setup(trainer, None, stage="fit")
+    callback.on_train_start(trainer, None)
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_loader_workers_let_the_first_signal_pass(monkeypatch):
+    from animal_lightning.preemption import worker_init
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.delenv("PL_SEED_WORKERS", raising=False)
+    try:
+        worker_init(0)
+        os.kill(os.getpid(), signal.SIGTERM)  # the first one is let through ...
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # ... and the next one ends the worker
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(signum, before if signum == signal.SIGTERM else signal.SIG_DFL)
 
 
 def test_requeue_calls_the_launchers_handler_or_scontrol(monkeypatch):

@@ -77,7 +77,7 @@ def test_grid_sweep_runs_every_job_and_lists_failures_in_the_summary(tmp_path):
 
 def test_optuna_search_reports_the_best_trial_and_survives_failed_trials(tmp_path):
     result = run_train(tmp_path, "-m", "hparams_search=optuna", *TINY, "hydra.sweeper.n_trials=4",
-                       "hydra.sweeper.sampler.n_startup_trials=4",
+                       "hydra.sweeper.sampler.n_startup_trials=4", "hydra.sweeper.sampler.seed=42",
                        "data.batch_size=choice(0,8)")  # batch 0: a trial that fails
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = sweep_dir(tmp_path)

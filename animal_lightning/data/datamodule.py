@@ -19,6 +19,7 @@ from animal_lightning.data.images import load_rgb
 from animal_lightning.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
 from animal_lightning.data.transforms import PreprocessSpec, eval_transform, train_transform
 from animal_lightning.errors import DataError
+from animal_lightning.preemption import worker_init
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +238,8 @@ class AnimalDataModule(LightningDataModule):
     def _loader(self, dataset: ImageSamples, batch_size: int, **kwargs) -> DataLoader:
         workers = self.num_workers
         return DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=self.pin_memory,
-                          multiprocessing_context=worker_context(workers),
-                          persistent_workers=workers > 0, **kwargs)
+                          multiprocessing_context=worker_context(workers), persistent_workers=workers > 0,
+                          worker_init_fn=worker_init if workers > 0 else None, **kwargs)
 
     def _train_collate(self):
         alphas = {k: float(self.augment.get(k, 0.0)) for k in ("mixup_alpha", "cutmix_alpha")}

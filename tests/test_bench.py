@@ -1,0 +1,72 @@
+"""The benchmarks run end to end at tiny sizes: their code paths stay working (their figures are not checked)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import PROJECT, make_folder
+
+pytestmark = pytest.mark.slow
+
+
+def run_bench(script: str, *args: str, cwd: Path) -> dict:
+    result = subprocess.run([sys.executable, str(PROJECT / "bench" / script), *args], cwd=cwd, capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout
+    start = output.index("{\n")
+    end = output.index("\n}\n", start) + 2
+    summary = json.loads(output[start:end])
+    assert output.rstrip().splitlines()[-1].startswith(summary["benchmark"])  # the one-line summary comes last
+    return summary
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    return make_folder(tmp_path / "photos", {"cat": 12, "dog": 12, "fox": 12})
+
+
+def test_train_throughput_reports_all_three_paths_and_their_ratios(tmp_path, photos):
+    summary = run_bench("train_throughput.py", "--data", str(photos), "--backbone", "resnet18", "--image-size", "32",
+                        "--batch-size", "4", "--steps", "2", "--warmup", "1", "--rounds", "1", cwd=tmp_path)
+    assert set(summary["paths"]) == {"report", "plain", "project"}
+    assert all(p["images_per_s"] > 0 and len(p["rounds"]) == 1 for p in summary["paths"].values())
+    assert summary["project_vs_report"] > 0 and summary["project_vs_plain"] > 0
+
+
+def test_data_throughput_compares_workers_and_decoders(tmp_path, photos):
+    summary = run_bench("data_throughput.py", "--data", str(photos), "--backbone", "resnet18", "--image-size", "32",
+                        "--batch-size", "4", "--batches", "2", "--model-steps", "1", "--workers", "auto,0",
+                        "--decode-images", "5", cwd=tmp_path)
+    assert len(summary["pipelines"]) == 2 and summary["train_over_model"] > 0
+    assert summary["decode_only"]["pil"] > 0 and summary["decode_only"]["torchvision_io"] > 0
+
+
+def test_gpu_train_smoke_runs_every_stage_on_the_cpu(tmp_path, photos):
+    summary = run_bench("gpu_train.py", "--device", "cpu", "--smoke", "--data", str(photos), "--workers", "0",
+                        cwd=tmp_path)
+    assert set(summary["stages"]) == {"synthetic", "loader", "gpu_decode", "project"}
+    assert all(stage["images_per_s"] > 0 for stage in summary["stages"].values())
+    assert summary["share_of_synthetic"]["synthetic"] == 1.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
+def test_gpu_train_without_a_gpu_says_so(tmp_path):
+    result = subprocess.run([sys.executable, str(PROJECT / "bench" / "gpu_train.py")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "no CUDA device here" in result.stderr
+
+
+def test_epoch_time_runs_both_recipes_through_train_py(tmp_path, photos):
+    summary = run_bench("epoch_time.py", "--data", str(photos), "--backbone", "resnet18",
+                        "--override", "model.image_size=32", "--override", "data.batch_size=8", cwd=tmp_path)
+    ours, report = summary["recipes"]["ours"], summary["recipes"]["report"]
+    assert [e["epoch"] for e in ours["epochs"]] == [0] and report["epochs"][0]["train_images"] == 24  # 3 x 8
+    assert ours["epochs"][0]["val_seconds"] > 0 and summary["report_over_ours"] > 0
