@@ -17,7 +17,6 @@ when it is there, else a generated demo set of 256 px images.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_throughput import build_project_parts, compose, pick_data  # noqa: E402
+from train_throughput import bench_parser, build_project_parts, compose, pick_data  # noqa: E402
 
 from animal_lightning.data.datamodule import default_num_workers  # noqa: E402
 from animal_lightning.data.images import load_rgb  # noqa: E402
@@ -93,11 +92,7 @@ def decode_rates(paths: list[str]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=None)
-    parser.add_argument("--backbone", default="resnet50")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser = bench_parser(__doc__, batch_size=32)
     parser.add_argument("--batches", type=int, default=30)
     parser.add_argument("--model-steps", type=int, default=3)
     parser.add_argument("--workers", default="auto,0,2")

@@ -24,7 +24,6 @@ Reference: NVIDIA's ResNet-50 v1.5 reaches about 2,470 images/s on one A100 with
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -41,7 +40,7 @@ from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_throughput import build_project_parts, compose, pick_data, project_path  # noqa: E402
+from train_throughput import bench_parser, build_project_parts, compose, pick_data, project_path  # noqa: E402
 
 STAGES = ("synthetic", "loader", "gpu_decode", "project")
 
@@ -179,11 +178,7 @@ def fresh(model, device):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=None)
-    parser.add_argument("--backbone", default="resnet50")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser = bench_parser(__doc__, batch_size=256)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: cores - 1, max 8)")

@@ -198,12 +198,18 @@ def pick_data(folder: Path | None, scratch: Path) -> Path:
     return ensure_synthetic_dataset(scratch / "synthetic", spec)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=None)
+def bench_parser(doc: str, batch_size: int) -> argparse.ArgumentParser:
+    """The options every training benchmark shares: the image folder, the network, its input, the batch."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=None, help="a folder with train/<class>/ images")
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    return parser
+
+
+def main() -> None:
+    parser = bench_parser(__doc__, batch_size=32)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
