@@ -348,8 +348,8 @@ def write_predictions(rows: Sequence[dict], output: Path, fmt: str = "csv") -> l
         write_text_atomic(output, json.dumps(list(rows), indent=1) + "\n")
     else:
         raise DataError(f"format={fmt!r} is not one of: csv, json")
-    submission = output.with_name("submission.csv")
-    write_text_atomic(submission, rows_csv(rows, ["image_id", "class"]))
+    submission = output.with_name("submission.csv")  # for graders, not spreadsheets: ids exactly as the files are
+    write_text_atomic(submission, rows_csv(rows, ["image_id", "class"], safe=False))
     return [output, submission]
 
 

@@ -78,13 +78,28 @@ def format_pairs(pairs: Sequence[dict]) -> str:
     return "\n".join(f"{p['true']} -> {p['predicted']}: {p['count']}" for p in pairs)
 
 
-def rows_csv(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
-    """A list of dicts as CSV text with a header (the columns of the first row unless given)."""
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value):
+    """Text that a spreadsheet would run as a formula (=, +, -, @ first: CSV injection) gets a leading
+    apostrophe, which spreadsheets show as text; numbers and other text are left as they are."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        try:
+            float(value)
+        except ValueError:
+            return "'" + value
+    return value
+
+
+def rows_csv(rows: Sequence[dict], columns: Sequence[str] | None = None, safe: bool = True) -> str:
+    """A list of dicts as CSV text with a header (the columns of the first row unless given). safe: text that
+    a spreadsheet would evaluate is written as text (see spreadsheet_safe); False writes values verbatim."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns or (rows[0].keys() if rows else [])),
                             extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows([{k: spreadsheet_safe(v) for k, v in row.items()} for row in rows] if safe else rows)
     return buffer.getvalue()
 
 

@@ -31,6 +31,7 @@ from animal_lightning.data import AnimalDataModule
 from animal_lightning.errors import AnimalLightningError, ModelConfigError
 from animal_lightning.hardware import auto_precision
 from animal_lightning.models import AnimalClassifier
+from animal_lightning.models.classifier import check_resumable
 from animal_lightning.preemption import Preempted
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule: AnimalDataModule = instantiate_checked(cfg.data)
     model = build_model(cfg, datamodule)  # reading class_names scans and checks the data once, here
+    if cfg.get("ckpt_path"):
+        check_resumable(cfg.ckpt_path, model)  # safe to load, and the same classes and backbone
     datamodule.use_preprocess(model.preprocess)
     model.preprocess = datamodule.preprocess  # with data.resize_mode: prediction evaluates images the same way
     callbacks = instantiate_group(cfg.get("callbacks"), Callback)

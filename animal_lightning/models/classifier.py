@@ -424,26 +424,7 @@ class AnimalClassifier(LightningModule):
         file that is damaged, not a checkpoint, or not one of ours is a one-line CheckpointError.
         Pretrained weights are never downloaded: the state dict has the trained ones.
         """
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {path} not found: pass ckpt_path=/path/to/best.ckpt")
-        damaged = (f"checkpoint {path} is damaged or not a PyTorch checkpoint; "
-                   "pass a .ckpt written by train.py")
-        if not zipfile.is_zipfile(path):  # torch.save has written zip archives since PyTorch 1.6
-            raise CheckpointError(damaged)
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-            what = f" ({found.group(1)})" if found else ""
-            raise CheckpointError(f"checkpoint {path} holds pickled objects{what} that safe loading refuses, since "
-                                  "they could run code; only load checkpoints written by train.py") from None
-        except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
-            raise CheckpointError(f"{damaged} ({type(error).__name__})") from None
-        meta = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
-        if not isinstance(meta, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
-            raise CheckpointError(f"{path} is not an animal-lightning checkpoint (no class names or preprocessing "
-                                  "inside); pass a .ckpt written by train.py")
+        checkpoint, meta = read_checkpoint(path)
         hparams = dict(checkpoint["hyper_parameters"])
         model = cls(**hparams, load_weights=False)
         result = model.load_state_dict(checkpoint["state_dict"], strict=False)
@@ -453,6 +434,50 @@ class AnimalClassifier(LightningModule):
         model.preprocess = PreprocessSpec.from_dict(meta["preprocess"])
         model.calibration = meta.get("calibration")
         return model.eval(), meta
+
+
+def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> tuple[dict, dict]:
+    """(the checkpoint, its animal-lightning metadata), loaded with torch.load(weights_only=True), which refuses
+    pickled objects, so a planted payload cannot run. A file that is missing, damaged, not a checkpoint, or not
+    one of ours is a one-line CheckpointError. mmap: leave the tensors on disk (to read the metadata only)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found: pass ckpt_path=/path/to/best.ckpt")
+    damaged = f"checkpoint {path} is damaged or not a PyTorch checkpoint; pass a .ckpt written by train.py"
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since PyTorch 1.6
+        raise CheckpointError(damaged)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(f"checkpoint {path} holds pickled objects{what} that safe loading refuses, since "
+                              "they could run code; only load checkpoints written by train.py") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+        raise CheckpointError(f"{damaged} ({type(error).__name__})") from None
+    meta = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
+    if not isinstance(meta, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise CheckpointError(f"{path} is not an animal-lightning checkpoint (no class names or preprocessing "
+                              "inside); pass a .ckpt written by train.py")
+    return checkpoint, meta
+
+
+def check_resumable(path: str | os.PathLike, model: AnimalClassifier) -> None:
+    """Resuming `path` into `model` must find the same classes and backbone; say so in one line if not
+    (instead of Lightning's state-dict traceback)."""
+    checkpoint, meta = read_checkpoint(path, mmap=True)
+    saved_classes, backbone = list(meta.get("class_names") or []), checkpoint["hyper_parameters"].get("backbone")
+    if backbone != model.hparams.backbone:
+        raise CheckpointError(f"checkpoint {path} holds a {backbone} and this run builds a {model.hparams.backbone}: "
+                              f"pass model=... for {backbone} to resume it, or drop ckpt_path to start afresh")
+    if saved_classes != model.class_names:
+        def preview(names: list[str]) -> str:
+            return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+
+        raise CheckpointError(f"checkpoint {path} was trained on {len(saved_classes)} classes "
+                              f"({preview(saved_classes)}) and this run's data has {len(model.class_names)} "
+                              f"({preview(model.class_names)}): "
+                              "resume with the data it was trained on, or drop ckpt_path to start afresh")
 
 
 def _plain_attributes(attributes: dict | None, class_names: list[str]) -> dict | None:
