@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +29,15 @@ FAST = ["model=resnet18", "model.pretrained=false", "model.image_size=32", "data
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# train.py runs that name tests/faults.py callbacks on the command line need tests/ on the path
+FAULTS_ENV = {"PYTHONWARNINGS": "ignore", "PYTHONPATH": os.pathsep.join([str(PROJECT / "tests"), str(PROJECT)])}
+
+
+def train_py(root: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`python train.py ...` as a user runs it, in `root` (paths.root_dir too), fault callbacks importable."""
+    return subprocess.run([sys.executable, str(PROJECT / "train.py"), *overrides, f"paths.root_dir={root}"],
+                          cwd=root, env={**os.environ, **FAULTS_ENV}, capture_output=True, text=True, timeout=600)
 
 
 def read_rows(path: Path) -> list[dict]:

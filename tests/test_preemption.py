@@ -18,21 +18,14 @@ from omegaconf import OmegaConf
 from animal_lightning.errors import CheckpointError, ModelConfigError
 from animal_lightning.preemption import Preempted, PreemptionCheckpoint, parse_signal, slurm_job_id
 from animal_lightning.training import resume_in_run_folder
-from tests.conftest import FAST, PROJECT
+from tests.conftest import FAST, FAULTS_ENV, PROJECT
+from tests.conftest import train_py as run_train
 
 # 4 demo classes x 30 training images, 85% for training at batch 8: 13 steps an epoch.
 STEPS_PER_EPOCH = 13
 SMALL = ["data=synthetic", "data.num_classes=4", "data.train_per_class=30", "data.test_per_class=8",
          "data.image_size=32", *FAST, "data.batch_size=8", "trainer.max_epochs=2"]
 FAULT = "+callbacks.fault._target_=faults.SignalAt"
-
-
-def run_train(tmp_path: Path, *overrides: str, new_session: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": os.pathsep.join([str(PROJECT / "tests"),
-                                                                                   str(PROJECT)])}
-    return subprocess.run([sys.executable, str(PROJECT / "train.py"), *overrides, f"paths.root_dir={tmp_path}"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-                          start_new_session=new_session)
 
 
 def children(pid: int) -> list[int]:
@@ -56,8 +49,7 @@ def load(path: Path) -> dict:
 def test_sigterm_mid_epoch_saves_last_ckpt_and_ckpt_path_last_finishes_the_run(tmp_path, synthetic_root):
     # SIGTERM from outside to the whole process group, DataLoader workers included, as slurmstepd preempts
     marker = tmp_path / "signal"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": os.pathsep.join([str(PROJECT / "tests"),
-                                                                                   str(PROJECT)])}
+    env = {**os.environ, **FAULTS_ENV}
     command = [sys.executable, str(PROJECT / "train.py"), *SMALL, f"data.root={synthetic_root}",
                "data.num_workers=2", FAULT, "+callbacks.fault.epoch=1", "+callbacks.fault.batch=3",
                f"+callbacks.fault.wait_for={marker}", f"paths.root_dir={tmp_path}"]

@@ -15,9 +15,11 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_KEY = "animal_lightning"  # the checkpoint entry that prediction reads
 CHECKPOINT_FORMAT = 1
+RNG_KEY = "rng_states"  # the random streams at the save, for resuming exactly where training was
 
 
 class MeanClassRecall(Metric):
@@ -409,12 +412,18 @@ class AnimalClassifier(LightningModule):
             "test_labels": getattr(datamodule, "test_labels_path", None),
             "calibration": self.calibration,  # open-set threshold and stacking penalty, from validation
         }
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            checkpoint[RNG_KEY] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint.get(CHECKPOINT_KEY) or {}
         self.calibration = meta.get("calibration")
         if meta.get("preprocess"):
             self.preprocess = PreprocessSpec.from_dict(meta["preprocess"])  # with its resize mode
+        if RNG_KEY in checkpoint and self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            # resuming: the random streams continue where they were, so the next epoch shuffles and augments as
+            # it would have without the interruption (with data.num_workers=0; workers restart their own streams)
+            set_rng_states(checkpoint[RNG_KEY])
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike) -> tuple[AnimalClassifier, dict]:
@@ -434,6 +443,28 @@ class AnimalClassifier(LightningModule):
         model.preprocess = PreprocessSpec.from_dict(meta["preprocess"])
         model.calibration = meta.get("calibration")
         return model.eval(), meta
+
+
+def rng_states() -> dict:
+    """torch's, numpy's and Python's global random states as tensors and plain numbers (what
+    torch.load(weights_only=True) reads back)."""
+    import random
+
+    version, state, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": [version, list(state), gauss],
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)]}
+
+
+def set_rng_states(states: dict) -> None:
+    """Put back what rng_states() saved."""
+    import random
+
+    torch.set_rng_state(states["torch"])
+    version, state, gauss = states["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
 
 
 def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> tuple[dict, dict]:
