@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+def write_bytes_atomic(path: str | os.PathLike, data: bytes | memoryview) -> Path:
     """Write to a temp file in the same folder, flush it to disk, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -27,3 +32,20 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """UTF-8 text, written as write_bytes_atomic does (newlines as given, on every platform)."""
     return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, but a kill mid-write leaves the previous checkpoint whole.
+
+    Lightning's own save moves a file from the system's temp folder into place, which is only a
+    rename (atomic) when that folder is on the run folder's filesystem; this one writes beside the
+    target, fsyncs and renames. Remote paths (s3://, ...) keep Lightning's save.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        write_bytes_atomic(path, buffer.getbuffer())
+        return None

@@ -26,7 +26,7 @@ from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from animal_lightning.atomic import write_text_atomic
+from animal_lightning.atomic import AtomicCheckpointIO, write_text_atomic
 from animal_lightning.data import AnimalDataModule
 from animal_lightning.errors import AnimalLightningError, ModelConfigError
 from animal_lightning.hardware import auto_precision
@@ -76,7 +76,10 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logg
     if trainer_cfg.get("precision") == "auto":
         trainer_cfg["precision"] = auto_precision(str(trainer_cfg.get("accelerator", "auto")))
     freezes = int(cfg.model.get("freeze_backbone_epochs") or 0) > 0
-    trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
+    objects = {"callbacks": callbacks, "logger": loggers or False}
+    if not trainer_cfg.get("plugins"):  # checkpoints written beside their target and renamed into place
+        objects["plugins"] = [AtomicCheckpointIO()]
+    trainer = instantiate(trainer_cfg, **objects)
     if not isinstance(trainer.strategy, DDPStrategy):
         return trainer
     # DDP, chosen by name or by devices: auto on a multi-GPU machine. Lightning's ddp launcher starts the
@@ -93,7 +96,7 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logg
         strategy += "_find_unused_parameters_true"
     if respawn:
         log.info("multirun: DDP starts its processes with %s (ddp would re-run the sweep in each rank)", strategy)
-    return instantiate({**trainer_cfg, "strategy": strategy}, callbacks=callbacks, logger=loggers or False)
+    return instantiate({**trainer_cfg, "strategy": strategy}, **objects)
 
 
 def _cluster_starts_ranks() -> bool:

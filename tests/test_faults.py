@@ -1,14 +1,18 @@
-"""Killed jobs: `kill -9` mid-epoch, then resume from last.ckpt, ends where an uninterrupted run ends."""
+"""Killed jobs: resuming after `kill -9` ends where an uninterrupted run ends; a kill mid-write loses no file."""
 
 from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from tests.conftest import FAST, train_py
+from tests.conftest import FAST, PROJECT, train_py
 
 pytestmark = pytest.mark.slow
 
@@ -44,3 +48,55 @@ def test_kill_9_mid_epoch_then_ckpt_path_last_ends_with_the_uninterrupted_metric
     expected, got = metrics_of(whole_root), metrics_of(killed_root)
     assert got["epochs_completed"] == expected["epochs_completed"] == 3
     assert got["val"] == expected["val"] and got["test"] == expected["test"]  # exactly, not approximately
+
+
+WRITER = """
+import sys, torch
+from animal_lightning.atomic import AtomicCheckpointIO
+io, path, step = AtomicCheckpointIO(), sys.argv[1], 0
+while True:  # checkpoints of 16 MB, each one filled with its own step number
+    step += 1
+    io.save_checkpoint({"step": step, "weights": torch.full((4_000_000,), float(step))}, path)
+    print(step, flush=True)
+"""
+
+
+def test_a_kill_9_while_a_checkpoint_is_written_leaves_the_previous_one_whole(tmp_path):
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    path.parent.mkdir()
+    seen = []
+    for delay in (0.05, 0.13, 0.21, 0.34, 0.55):  # kill at different points of a write
+        with subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True,
+                              cwd=PROJECT) as writer:
+            writer.stdout.readline()  # one checkpoint is complete
+            time.sleep(delay)
+            writer.kill()
+            writer.wait()
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # complete: it loads
+        assert torch.all(checkpoint["weights"] == float(checkpoint["step"]))  # and is one write, not a mix
+        seen.append(checkpoint["step"])
+    assert all(step >= 1 for step in seen)
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    from animal_lightning.atomic import write_text_atomic
+
+    target = write_text_atomic(tmp_path / "predictions.csv", "image_id,class\na.jpg,cat\n")
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("animal_lightning.atomic.os.fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_text_atomic(target, "image_id,class\na.jpg,dog\n")
+    assert target.read_text() == "image_id,class\na.jpg,cat\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["predictions.csv"]
+
+
+def test_training_writes_its_checkpoints_atomically(compose_cfg):
+    from animal_lightning.atomic import AtomicCheckpointIO
+    from animal_lightning.training import build_trainer
+
+    for trainer in ("default", "ddp_cpu"):
+        built = build_trainer(compose_cfg(f"trainer={trainer}", "logger=csv"), [], [])
+        assert isinstance(built.strategy.checkpoint_io, AtomicCheckpointIO)
