@@ -241,6 +241,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "last_checkpoint": _last_checkpoint(checkpoint),
         "epochs_completed": _epochs_completed(trainer, checkpoint),
         "class_names": model.class_names,
+        "unusable_images": dict(sorted(datamodule.index.bad_images.items())),  # left out, with the reason
         "run_dir": str(output_dir),
     }
     if trainer.is_global_zero:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,9 +47,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+@contextlib.contextmanager
+def _bombs_refused():
+    """PIL only warns between MAX_IMAGE_PIXELS (89 megapixels) and twice that, and would decode such a
+    file into gigabytes; make the warning an error, so a decompression bomb is refused before decoding."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode `path` fully into RGB; raises OSError/ValueError (from PIL) for unusable files."""
-    with Image.open(path) as image:
+    """Decode `path` fully into RGB; raises OSError/ValueError (from PIL) for unusable files, and
+    DecompressionBombWarning/Error for images of more than 89 megapixels."""
+    with _bombs_refused(), Image.open(path) as image:
         image.load()
         return to_rgb(image)
 
@@ -62,7 +73,7 @@ def image_problem(path: str | os.PathLike) -> str | None:
     try:
         if os.path.getsize(path) == 0:
             return "empty file (0 bytes)"
-        with Image.open(path) as image:
+        with _bombs_refused(), Image.open(path) as image:
             if image.format == "JPEG":
                 image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
             image.load()
