@@ -70,3 +70,10 @@ def test_epoch_time_runs_both_recipes_through_train_py(tmp_path, photos):
     ours, report = summary["recipes"]["ours"], summary["recipes"]["report"]
     assert [e["epoch"] for e in ours["epochs"]] == [0] and report["epochs"][0]["train_images"] == 24  # 3 x 8
     assert ours["epochs"][0]["val_seconds"] > 0 and summary["report_over_ours"] > 0
+
+
+def test_predict_memory_reports_each_run(tmp_path):
+    summary = run_bench("predict_memory.py", "--images", "40", "--sizes", "20,40", "--image-size", "32",
+                        "--batch-size", "8", cwd=tmp_path)
+    assert [run["images"] for run in summary["runs"]] == [20, 40]
+    assert all(run["peak_rss_mb"] > 0 for run in summary["runs"]) and "marginal_images_per_s" in summary["runs"][1]
