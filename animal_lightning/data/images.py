@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,20 +46,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-@contextlib.contextmanager
-def _bombs_refused():
-    """PIL only warns between MAX_IMAGE_PIXELS (89 megapixels) and twice that, and would decode such a
-    file into gigabytes; make the warning an error, so a decompression bomb is refused before decoding."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        yield
+def _refuse_bombs(image: Image.Image) -> Image.Image:
+    """PIL refuses images over twice MAX_IMAGE_PIXELS (89 megapixels) when opening them, but only warns
+    between that and the limit, and would decode such a file into gigabytes. Refuse from the header,
+    before decoding (an explicit check: warning filters are process-wide and the scan uses threads)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and image.width * image.height > limit:
+        raise Image.DecompressionBombError(f"image of {image.width} x {image.height} pixels is over the "
+                                           f"{limit:,}-pixel limit (a decompression bomb?)")
+    return image
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
     """Decode `path` fully into RGB; raises OSError/ValueError (from PIL) for unusable files, and
-    DecompressionBombWarning/Error for images of more than 89 megapixels."""
-    with _bombs_refused(), Image.open(path) as image:
-        image.load()
+    DecompressionBombError for images of more than 89 megapixels."""
+    with Image.open(path) as image:
+        _refuse_bombs(image).load()
         return to_rgb(image)
 
 
@@ -73,7 +74,8 @@ def image_problem(path: str | os.PathLike) -> str | None:
     try:
         if os.path.getsize(path) == 0:
             return "empty file (0 bytes)"
-        with _bombs_refused(), Image.open(path) as image:
+        with Image.open(path) as image:
+            _refuse_bombs(image)
             if image.format == "JPEG":
                 image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
             image.load()
