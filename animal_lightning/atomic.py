@@ -12,12 +12,22 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes | memoryview) -> Path:
     """Write to a temp file in the same folder, flush it to disk, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would have
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -45,6 +55,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-write (kill -9)
+            stale.unlink(missing_ok=True)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         write_bytes_atomic(path, buffer.getbuffer())

@@ -78,12 +78,13 @@ def format_pairs(pairs: Sequence[dict]) -> str:
     return "\n".join(f"{p['true']} -> {p['predicted']}: {p['count']}" for p in pairs)
 
 
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")  # and the quote itself, so one quote always comes off
 
 
 def spreadsheet_safe(value):
     """Text that a spreadsheet would run as a formula (=, +, -, @ first: CSV injection) gets a leading
-    apostrophe, which spreadsheets show as text; numbers and other text are left as they are."""
+    apostrophe, which spreadsheets show as text, and so does text that starts with an apostrophe (so a
+    reader can always take exactly one off); numbers and other text are left as they are."""
     if isinstance(value, str) and value.startswith(FORMULA_STARTS):
         try:
             float(value)
@@ -107,9 +108,9 @@ def confusion_csv(confusion: torch.Tensor, class_names: Sequence[str]) -> str:
     """Counts with a header row of predicted classes and a first column of true classes."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["true \\ predicted", *class_names])
+    writer.writerow(["true \\ predicted", *(spreadsheet_safe(name) for name in class_names)])
     for name, row in zip(class_names, confusion.tolist(), strict=True):
-        writer.writerow([name, *row])
+        writer.writerow([spreadsheet_safe(name), *row])
     return buffer.getvalue()
 
 

@@ -17,10 +17,12 @@ from omegaconf import DictConfig
 
 def unwritable_reason(folder: Path) -> str | None:
     """Why `folder` cannot be created or written, or None when it can."""
-    path = folder.expanduser().absolute()
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
+    existing = folder.expanduser().absolute()
+    try:
+        while not existing.exists():
+            existing = existing.parent
+    except OSError as error:  # e.g. inside another user's private folder
+        return f"{existing}: {error.strerror}"
     if not existing.is_dir():
         return f"{existing} is a file, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -31,8 +33,8 @@ def unwritable_reason(folder: Path) -> str | None:
 def _check(folder: str, what: str) -> None:
     reason = unwritable_reason(Path(folder))
     if reason is not None:
-        print(f"error: cannot write the {what} folder {folder}: {reason}; set paths.log_dir (or hydra.run.dir) to "
-              "a folder you can write", file=sys.stderr, flush=True)
+        print(f"error: cannot write the {what} folder {folder}: {reason}; set paths.log_dir (or hydra.{what}.dir) "
+              "to a folder you can write", file=sys.stderr, flush=True)
         raise SystemExit(2)
 
 

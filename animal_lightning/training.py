@@ -19,6 +19,7 @@ import lightning.pytorch as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
@@ -77,9 +78,7 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logg
         trainer_cfg["precision"] = auto_precision(str(trainer_cfg.get("accelerator", "auto")))
     freezes = int(cfg.model.get("freeze_backbone_epochs") or 0) > 0
     objects = {"callbacks": callbacks, "logger": loggers or False}
-    if not trainer_cfg.get("plugins"):  # checkpoints written beside their target and renamed into place
-        objects["plugins"] = [AtomicCheckpointIO()]
-    trainer = instantiate(trainer_cfg, **objects)
+    trainer = _atomic_checkpoints(instantiate(trainer_cfg, **objects))
     if not isinstance(trainer.strategy, DDPStrategy):
         return trainer
     # DDP, chosen by name or by devices: auto on a multi-GPU machine. Lightning's ddp launcher starts the
@@ -96,7 +95,14 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logg
         strategy += "_find_unused_parameters_true"
     if respawn:
         log.info("multirun: DDP starts its processes with %s (ddp would re-run the sweep in each rank)", strategy)
-    return instantiate({**trainer_cfg, "strategy": strategy}, **objects)
+    return _atomic_checkpoints(instantiate({**trainer_cfg, "strategy": strategy}, **objects))
+
+
+def _atomic_checkpoints(trainer: L.Trainer) -> L.Trainer:
+    """Checkpoints written beside their target and renamed into place, unless a plugin chose another writer."""
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    return trainer
 
 
 def _cluster_starts_ranks() -> bool:

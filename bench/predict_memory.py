@@ -69,7 +69,8 @@ def run_predict(checkpoint: Path, listing: Path, output: Path, batch_size: int, 
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise SystemExit(f"predict.py failed:\n{log.read_text()[-3000:]}")
-    rows = sum(1 for _ in output.open()) - 1
+    with output.open() as handle:
+        rows = sum(1 for _ in handle) - 1
     return {"images": rows, "seconds": round(seconds, 1), "images_per_s": round(rows / seconds, 1),
             "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
 

@@ -91,3 +91,42 @@ def test_image_ids_that_spreadsheets_would_evaluate_are_written_as_text(trained,
 ])
 def test_spreadsheet_safe_quotes_formulas_and_leaves_numbers(value, expected):
     assert spreadsheet_safe(value) == expected
+
+
+def test_training_asks_lightning_for_safe_loading_when_it_resumes_and_tests(compose_cfg, synthetic_root,
+                                                                            monkeypatch):
+    import lightning.pytorch as L
+
+    from animal_lightning.training import train
+
+    asked = {}
+    for name in ("fit", "test"):
+        original = getattr(L.Trainer, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            asked[_name] = kwargs.get("weights_only")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(L.Trainer, name, spy)
+    train(compose_cfg("data=synthetic", f"data.root={synthetic_root}", "data.num_classes=4",
+                      "data.train_per_class=30", "data.test_per_class=8", "data.image_size=32", *FAST, "debug=fdr"))
+    assert asked == {"fit": True, "test": True}  # Lightning's own torch.load of the checkpoint refuses pickles
+
+
+def test_resuming_a_checkpoint_of_another_model_shape_names_the_first_difference(tmp_path):
+    from animal_lightning.errors import CheckpointError
+    from animal_lightning.models.classifier import check_resumable
+
+    plain = AnimalClassifier(["a", "b"], backbone="resnet18", pretrained=False, image_size=32)
+    path = tmp_path / "plain.ckpt"
+    payload = {"state_dict": plain.state_dict(), "hyper_parameters": dict(plain.hparams)}
+    plain.on_save_checkpoint(payload)
+    torch.save(payload, path)
+    check_resumable(path, plain)  # the same model: fine
+    table = {"predicates": ["p", "q", "r"], "seen": ["a", "b"], "unseen": ["c"],
+             "matrix": [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], "source": "attrs/classes.txt"}
+    with_attributes = AnimalClassifier(["a", "b"], backbone="resnet18", pretrained=False, image_size=32,
+                                       attributes=table)
+    with pytest.raises(CheckpointError, match=r"does not fit this run's model \(attribute.* is not in the "
+                                              r"checkpoint; \d+ difference\(s\)\): resume with the settings"):
+        check_resumable(path, with_attributes)

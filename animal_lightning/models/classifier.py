@@ -452,8 +452,11 @@ def rng_states() -> dict:
 
     version, state, gauss = random.getstate()
     name, keys, position, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": [version, list(state), gauss],
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)]}
+    states = {"torch": torch.get_rng_state(), "python": [version, list(state), gauss],
+              "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()  # dropout and drop-path on the GPU draw from these
+    return states
 
 
 def set_rng_states(states: dict) -> None:
@@ -465,6 +468,9 @@ def set_rng_states(states: dict) -> None:
     random.setstate((version, tuple(state), gauss))
     name, keys, position, has_gauss, cached = states["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    cuda = states.get("cuda") or []
+    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> tuple[dict, dict]:
@@ -509,6 +515,15 @@ def check_resumable(path: str | os.PathLike, model: AnimalClassifier) -> None:
                               f"({preview(saved_classes)}) and this run's data has {len(model.class_names)} "
                               f"({preview(model.class_names)}): "
                               "resume with the data it was trained on, or drop ckpt_path to start afresh")
+    saved, own = checkpoint["state_dict"], model.state_dict()
+    differences = [f"{k} is not in the checkpoint" for k in own if k not in saved] + \
+        [f"{k} is only in the checkpoint" for k in saved if k not in own] + \
+        [f"{k} is {tuple(saved[k].shape)} there and {tuple(own[k].shape)} here" for k in own
+         if k in saved and tuple(saved[k].shape) != tuple(own[k].shape)]
+    if differences:  # e.g. attributes switched on or off, another attribute count, another ViT input size
+        raise CheckpointError(f"checkpoint {path} does not fit this run's model ({differences[0]}; "
+                              f"{len(differences)} difference(s)): resume with the settings it was trained with, "
+                              "or drop ckpt_path to start afresh")
 
 
 def _plain_attributes(attributes: dict | None, class_names: list[str]) -> dict | None:
