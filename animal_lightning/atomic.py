@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import io
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -21,22 +21,30 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes | memoryview) -> Path:
-    """Write to a temp file in the same folder, flush it to disk, then rename it over `path`."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike):
+    """A binary file handle for `path` that becomes `path` only when the block ends without error: the bytes
+    go to a temp file in the same folder, are flushed to disk, and the temp file is renamed over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would have
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` atomically (see atomic_file): a kill mid-write leaves the previous file."""
+    with atomic_file(path) as handle:
+        handle.write(data)
+    return Path(path)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -58,7 +66,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-write (kill -9)
             stale.unlink(missing_ok=True)
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        write_bytes_atomic(path, buffer.getbuffer())
+        with atomic_file(path) as handle:  # straight to disk: no second copy of the checkpoint in memory
+            torch.save(checkpoint, handle)
         return None

@@ -354,10 +354,10 @@ def write_predictions(rows: Sequence[dict], output: Path, fmt: str = "csv") -> l
 
 
 # -- the job behind predict.py --------------------------------------------------------------------------
+@rank_zero_only
 def say(message: str) -> None:
     """Print on the first process only (under DDP every process runs predict.py)."""
-    if rank_zero_only.rank == 0:
-        print(message, flush=True)
+    print(message, flush=True)
 
 
 def predict(cfg) -> dict:

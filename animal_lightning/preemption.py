@@ -26,6 +26,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -127,8 +128,6 @@ class PreemptionCheckpoint(Callback):
         """The signal to stop for (0: none). Under DDP every rank must call this at the same point."""
         received = self.received or 0
         if trainer.world_size > 1:
-            import torch
-
             received = int(trainer.strategy.reduce(torch.tensor(received, device=trainer.strategy.root_device),
                                                    reduce_op="max"))
         return received
