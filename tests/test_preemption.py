@@ -242,3 +242,23 @@ def test_a_run_folder_with_its_own_last_ckpt_resumes_it_unless_auto_resume_is_of
 def test_ckpt_path_last_without_any_run_is_a_one_line_error(tmp_path):
     with pytest.raises(CheckpointError, match=r"no last.ckpt under .*logs/train: train first"):
         resume_in_run_folder(_resume_cfg(tmp_path, ckpt_path="last"))
+
+
+@pytest.mark.slow
+def test_under_ddp_the_ranks_agree_on_the_step_save_once_and_resume(tmp_path, synthetic_root):
+    # 2 gloo processes, 51 training images each at batch 8: 6 steps an epoch. Rank 0 alone gets SIGTERM before
+    # epoch 1's batch 2; the ranks compare notes every 2 batches, so both stop after batch 3: step 6 + 4.
+    ddp = [*SMALL, f"data.root={synthetic_root}", "data.num_workers=0", "trainer=ddp_cpu",
+           "callbacks.preemption.sync_every_n_batches=2"]
+    first = run_train(tmp_path, *ddp, FAULT, "+callbacks.fault.signal=SIGTERM", "+callbacks.fault.epoch=1",
+                      "+callbacks.fault.batch=2", "+callbacks.fault.group=false")
+    assert first.returncode == 128 + signal.SIGTERM, first.stderr[-3000:]
+    assert first.stdout.count("Preempted: stopped by SIGTERM: checkpoint saved to") == 1  # rank zero speaks
+    [run] = (tmp_path / "logs" / "train" / "runs").iterdir()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert load(run / "checkpoints" / "last.ckpt")["global_step"] == 6 + 4
+
+    second = run_train(tmp_path, *ddp, "ckpt_path=last")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert json.loads((run / "metrics.json").read_text())["epochs_completed"] == 2
+    assert load(run / "checkpoints" / "last.ckpt")["global_step"] == 2 * 6
