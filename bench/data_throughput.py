@@ -17,6 +17,7 @@ when it is there, else a generated demo set of 256 px images.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import tempfile
@@ -24,12 +25,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_throughput import bench_parser, build_project_parts, compose, pick_data  # noqa: E402
+from train_throughput import bench_parser, build_project_parts, compose, pick_data, timed_steps  # noqa: E402
 
 from animal_lightning.data.datamodule import default_num_workers  # noqa: E402
 from animal_lightning.data.images import load_rgb  # noqa: E402
@@ -55,20 +55,11 @@ def loader_rate(loader, batches: int) -> dict:
 def model_rate(model, batch_size: int, size: int, steps: int, precision: str) -> dict:
     """Training steps on tensors already in memory: the rate at which the model consumes images."""
     model.scheduler_factory = None
-    optimizer = model.configure_optimizers()
-    net = model.net.train()
-    images = torch.randn(batch_size, 3, size, size).contiguous(memory_format=torch.channels_last)
+    images = torch.randn(batch_size, 3, size, size)
     targets = torch.randint(0, len(model.class_names), (batch_size,))
-    ends = []
-    for _ in range(steps + 1):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.startswith("bf16")):
-            loss = F.cross_entropy(net(images), targets)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ends.append(time.perf_counter())
-    seconds = ends[-1] - ends[0]
-    return {"steps": steps, "images_per_s": round(steps * batch_size / seconds, 2)}
+    result = timed_steps(model.net.train(), model.configure_optimizers(), itertools.repeat((images, targets)),
+                         device=torch.device("cpu"), steps=steps, warmup=1, bf16=precision.startswith("bf16"))
+    return {"steps": steps, "images_per_s": result["images_per_s"]}
 
 
 def decode_rates(paths: list[str]) -> dict:

@@ -29,51 +29,25 @@ import os
 import random
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_throughput import bench_parser, build_project_parts, compose, pick_data, project_path  # noqa: E402
+from train_throughput import (  # noqa: E402
+    bench_parser,
+    build_project_parts,
+    compose,
+    pick_data,
+    project_path,
+    timed_steps,
+)
 
 STAGES = ("synthetic", "loader", "gpu_decode", "project")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def train_steps(net, optimizer, batches, device, steps: int, warmup: int, num_classes: int) -> dict:
-    """Run warmup + steps training steps from `batches` (an iterator of (images, targets) on any device);
-    report images/s and the share of wall time spent waiting for the next batch."""
-    waited, ends, images_seen = 0.0, [], 0
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
-    for step in range(warmup + steps):
-        before = time.perf_counter()
-        images, targets = next(batches)
-        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        targets = targets.to(device, non_blocking=True)
-        if step >= warmup:
-            waited += time.perf_counter() - before
-            images_seen += len(images)
-        with autocast:
-            loss = F.cross_entropy(net(images), targets % num_classes)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step == warmup - 1 or step == warmup + steps - 1:
-            sync(device)
-        ends.append(time.perf_counter())
-    seconds = ends[-1] - ends[warmup - 1]
-    return {"steps": steps, "seconds": round(seconds, 2), "images_per_s": round(images_seen / seconds, 1),
-            "data_wait_share": round(waited / seconds, 3)}
 
 
 def endless(loader):
@@ -140,14 +114,14 @@ def stage_synthetic(model, args, device) -> dict:
         while True:
             yield images, targets
 
-    return train_steps(net, optimizer, repeat(), device, args.steps, args.warmup, len(model.class_names))
+    return timed_steps(net, optimizer, repeat(), device=device, steps=args.steps, warmup=args.warmup, bf16=True)
 
 
 def stage_loader(datamodule, model, args, device) -> dict:
     net, optimizer = fresh(model, device)
     datamodule.pin_memory = device.type == "cuda"
-    return train_steps(net, optimizer, endless(datamodule.train_dataloader()), device, args.steps, args.warmup,
-                       len(model.class_names))
+    return timed_steps(net, optimizer, endless(datamodule.train_dataloader()), device=device, steps=args.steps,
+                       warmup=args.warmup, bf16=True)
 
 
 def stage_gpu_decode(datamodule, model, args, device) -> dict:
@@ -158,7 +132,7 @@ def stage_gpu_decode(datamodule, model, args, device) -> dict:
     spec = model.preprocess
     augment = GpuAugment(args.image_size, device, spec.mean, spec.std)
     batches = (augment(batch) for batch in endless(loader))
-    result = train_steps(net, optimizer, batches, device, args.steps, args.warmup, len(model.class_names))
+    result = timed_steps(net, optimizer, batches, device=device, steps=args.steps, warmup=args.warmup, bf16=True)
     return {**result, "batches_decoded_on_gpu": augment.gpu_batches, "batches_decoded_on_cpu": augment.cpu_batches}
 
 

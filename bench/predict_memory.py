@@ -71,7 +71,7 @@ def run_predict(checkpoint: Path, listing: Path, output: Path, batch_size: int, 
         raise SystemExit(f"predict.py failed:\n{log.read_text()[-3000:]}")
     with output.open() as handle:
         rows = sum(1 for _ in handle) - 1
-    return {"images": rows, "seconds": round(seconds, 1), "images_per_s": round(rows / seconds, 1),
+    return {"images": rows, "seconds": round(seconds, 2), "images_per_s": round(rows / seconds, 1),
             "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
 
 
@@ -102,8 +102,8 @@ def main() -> None:
             print(f"{size} images: {run['images_per_s']} img/s, peak RSS {run['peak_rss_mb']} MB", flush=True)
 
     for before, run in zip(runs, runs[1:], strict=False):  # beyond start-up: extra images over extra seconds
-        run["marginal_images_per_s"] = round((run["images"] - before["images"]) / (run["seconds"] - before["seconds"]),
-                                             1)
+        extra = run["seconds"] - before["seconds"]  # tiny runs can differ by less than start-up's own noise
+        run["marginal_images_per_s"] = round((run["images"] - before["images"]) / extra, 1) if extra > 0 else None
     summary = {"benchmark": "predict_memory", "backbone": args.backbone, "input_size": args.image_size,
                "batch_size": args.batch_size, "generated_images": args.images, "generation_seconds": round(made, 1),
                "runs": runs,

@@ -122,6 +122,35 @@ def build_project_parts(cfg):
     return datamodule, model
 
 
+def timed_steps(net, optimizer, batches, *, device: torch.device, steps: int, warmup: int, bf16: bool,
+                label_smoothing: float = 0.0) -> dict:
+    """warmup + steps training steps with the project's settings (channels_last, bf16 autocast when asked) on
+    `batches` (an iterator of (images, targets) on any device): images/s over the timed steps, the share of
+    their wall time spent waiting for the next batch, and how long the first step took. On a GPU the clock
+    waits for the device at both ends of the timed window."""
+    waited, ends, images_seen = 0.0, [], 0
+    start = time.perf_counter()
+    for step in range(warmup + steps):
+        before = time.perf_counter()
+        images, targets = next(batches)
+        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        targets = targets.to(device, non_blocking=True)
+        if step >= warmup:
+            waited += time.perf_counter() - before
+            images_seen += len(images)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(net(images), targets, label_smoothing=label_smoothing)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda" and step in (warmup - 1, warmup + steps - 1):
+            torch.cuda.synchronize(device)
+        ends.append(time.perf_counter())
+    seconds = ends[-1] - ends[warmup - 1]
+    return {"steps": steps, "seconds": round(seconds, 2), "images_per_s": round(images_seen / seconds, 2),
+            "data_wait_share": round(waited / seconds, 3), "first_step_seconds": round(ends[0] - start, 1)}
+
+
 def plain_path(cfg, args, precision: str, compiled: bool = False) -> dict:
     datamodule, model = build_project_parts(cfg)
     model.scheduler_factory = None  # the schedule needs a Trainer; stepping it costs microseconds a batch
@@ -129,24 +158,11 @@ def plain_path(cfg, args, precision: str, compiled: bool = False) -> dict:
     net = model.net.train()
     if compiled:
         net.compile()  # torch.compile of forward and backward; the first (warm-up) step compiles
-    smoothing = float(cfg.model.label_smoothing)
-    autocast = precision.startswith("bf16")
-    ends: list[float] = []
-    start = time.perf_counter()
-    for step, (images, targets) in enumerate(datamodule.train_dataloader()):
-        if step == args.warmup + args.steps:
-            break
-        images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = F.cross_entropy(net(images), targets, label_smoothing=smoothing)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ends.append(time.perf_counter())
-    first_step = ends[0] - start
-    result = rate(ends, args.warmup, args.batch_size)
-    if compiled:
-        result["first_step_seconds"] = round(first_step, 1)
+    result = timed_steps(net, optimizer, iter(datamodule.train_dataloader()), device=torch.device("cpu"),
+                         steps=args.steps, warmup=args.warmup, bf16=precision.startswith("bf16"),
+                         label_smoothing=float(cfg.model.label_smoothing))
+    if not compiled:
+        result.pop("first_step_seconds")
     return result
 
 
