@@ -201,12 +201,16 @@ def worker_init(worker_id: int) -> None:
         pl_worker_init_function(worker_id)
 
 
+def last_checkpoint_in(folder: str | Path) -> Path:
+    """ModelCheckpoint's last.ckpt in `folder`."""
+    return Path(folder) / (ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION)
+
+
 def checkpoint_path(trainer: Trainer) -> Path:
     """Where the run's ModelCheckpoint keeps last.ckpt (the file train.py resumes from)."""
     callback = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.dirpath), None)
-    folder = Path(callback.dirpath) if callback is not None else Path(trainer.default_root_dir) / "checkpoints"
-    name = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION
-    return folder / name
+    return last_checkpoint_in(callback.dirpath if callback is not None else Path(trainer.default_root_dir) /
+                              "checkpoints")
 
 
 def slurm_job_id() -> str | None:

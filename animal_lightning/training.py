@@ -33,7 +33,7 @@ from animal_lightning.errors import AnimalLightningError, ModelConfigError
 from animal_lightning.hardware import auto_precision
 from animal_lightning.models import AnimalClassifier
 from animal_lightning.models.classifier import check_resumable
-from animal_lightning.preemption import Preempted
+from animal_lightning.preemption import Preempted, last_checkpoint_in
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def resume_in_run_folder(cfg: DictConfig) -> None:
     """
     ckpt = cfg.get("ckpt_path")
     if not ckpt:
-        last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        last = last_checkpoint_in(Path(cfg.paths.output_dir) / "checkpoints")
         if cfg.get("auto_resume", True) and last.is_file():
             log.info("%s exists: resuming from it (auto_resume=false starts afresh)", last)
             print(f"Resuming from {last} (this run folder's own last checkpoint)", flush=True)
@@ -277,7 +277,7 @@ def _last_checkpoint(checkpoint) -> str | None:
     if checkpoint.last_model_path:
         return checkpoint.last_model_path
     if checkpoint.save_last and checkpoint.dirpath:
-        path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
+        path = last_checkpoint_in(checkpoint.dirpath)
         return str(path) if path.is_file() else None
     return None
 
