@@ -40,7 +40,7 @@ DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 class Preempted(SystemExit):
     """Training stopped on a signal; the exit status is 128 + the signal number, as if the signal had ended
     the process, so schedulers and shells read it the usual way. `saved`: the checkpoint was written at the
-    stop; otherwise it is the latest one there was (the signal came during validation: the last epoch end)."""
+    stop; otherwise it is the latest one there was (Lightning's own SIGTERM stop saves nothing)."""
 
     def __init__(self, signum: int, checkpoint: Path | None, saved: bool = True):
         super().__init__(128 + int(signum))
@@ -52,7 +52,7 @@ class Preempted(SystemExit):
         name = signal.Signals(self.signum).name
         if self.checkpoint is None:
             return f"stopped by {name} before the first checkpoint: start the run again"
-        where = "checkpoint saved to" if self.saved else "outside a training batch; the latest checkpoint is"
+        where = "checkpoint saved to" if self.saved else "no checkpoint written at the stop; the latest is"
         return f"stopped by {name}: {where} {self.checkpoint}; resume with ckpt_path={self.checkpoint}"
 
 

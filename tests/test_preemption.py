@@ -262,3 +262,35 @@ def test_under_ddp_the_ranks_agree_on_the_step_save_once_and_resume(tmp_path, sy
     assert second.returncode == 0, second.stderr[-3000:]
     assert json.loads((run / "metrics.json").read_text())["epochs_completed"] == 2
     assert load(run / "checkpoints" / "last.ckpt")["global_step"] == 2 * 6
+
+
+def test_a_forked_process_without_worker_init_takes_the_signal_as_usual(tmp_path):
+    callback = PreemptionCheckpoint()
+    callback._pid = os.getpid() + 1  # as seen from a child forked after the handlers went in
+    before = signal.getsignal(signal.SIGUSR1)
+    try:
+        signal.signal(signal.SIGUSR1, callback._note)
+        callback._note(signal.SIGUSR1, None)
+        assert callback.received is None and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+
+
+def test_preempted_before_any_checkpoint_or_without_saving_says_so(tmp_path):
+    assert str(Preempted(signal.SIGTERM, None, saved=False)) == \
+        "stopped by SIGTERM before the first checkpoint: start the run again"
+    assert str(Preempted(signal.SIGTERM, tmp_path / "last.ckpt", saved=False)) == \
+        f"stopped by SIGTERM: no checkpoint written at the stop; the latest is {tmp_path / 'last.ckpt'}; " \
+        f"resume with ckpt_path={tmp_path / 'last.ckpt'}"
+
+
+@pytest.mark.slow
+def test_without_the_callback_lightnings_sigterm_stop_still_exits_143_not_0(tmp_path, synthetic_root):
+    result = run_train(tmp_path, *SMALL, f"data.root={synthetic_root}", "data.num_workers=0",
+                       "callbacks.preemption=null", FAULT, "+callbacks.fault.signal=SIGTERM",
+                       "+callbacks.fault.epoch=1", "+callbacks.fault.batch=3", "+callbacks.fault.group=false")
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+    [run] = (tmp_path / "logs" / "train" / "runs").iterdir()
+    last = run / "checkpoints" / "last.ckpt"
+    assert f"Preempted: stopped by SIGTERM: no checkpoint written at the stop; the latest is {last}" in result.stdout
+    assert load(last)["global_step"] == STEPS_PER_EPOCH  # epoch 0's end: Lightning saved nothing at the stop
