@@ -280,6 +280,11 @@ class AnimalDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_set)
 
+    def probe_dataloader(self, split: str = "train") -> DataLoader:
+        """Every image of a split with the evaluation transform, on every process: a linear probe's data."""
+        samples = {"train": self.train_set.samples, "val": self.val_set.samples}[split]
+        return self._loader(ImageSamples(samples, self.val_set.transform), self.eval_batch_size)
+
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self.test_set)
 

