@@ -225,6 +225,7 @@ class Decisions:
     keep: float
     threshold: float | None
     penalty: float | None  # calibrated stacking's penalty on seen classes (attributes only)
+    unseen_choice: torch.Tensor | None = None  # the best-fitting unseen class of each image (attributes only)
 
 
 def decide(model: AnimalClassifier, outputs: dict[str, torch.Tensor], *, score: str | None = None,
@@ -257,10 +258,12 @@ def decide(model: AnimalClassifier, outputs: dict[str, torch.Tensor], *, score: 
         unseen_probability = openset.gzsl_probabilities(compat, num_seen, float(penalty)).gather(
             1, predicted[:, None]).squeeze(1)
         confidence = torch.where(predicted >= num_seen, unseen_probability, confidence)
+        unseen_choice = openset.best_unseen(compat, num_seen)
     else:
-        penalty = None
+        penalty = unseen_choice = None
     return Decisions(model.all_class_names, predicted, confidence, known,
-                     None if threshold is None else known < threshold, score, keep, threshold, penalty)
+                     None if threshold is None else known < threshold, score, keep, threshold, penalty,
+                     unseen_choice)
 
 
 # -- writing and scoring --------------------------------------------------------------------------------
@@ -335,7 +338,8 @@ def open_set_scores(inputs: Inputs, decisions: Decisions, errors: Sequence[str],
     result = {"open_set": {"score": decisions.score, "keep": decisions.keep, "threshold": decisions.threshold,
                            **report}}
     if decisions.penalty is not None:
-        zero_shot = openset.zero_shot_report(decisions.predicted[keep], targets, num_seen, len(decisions.names))
+        zero_shot = openset.zero_shot_report(decisions.predicted[keep], targets, num_seen, len(decisions.names),
+                                             decisions.unseen_choice[keep])
         result["zero_shot"] = {"seen_penalty": decisions.penalty, **zero_shot}
     return result
 
@@ -468,7 +472,8 @@ def format_scores(scores: dict) -> str:
     zero_shot = scores.get("zero_shot")
     if zero_shot:
         lines.append(f"Zero-shot (per-class): seen {pct(zero_shot['acc_seen'])}, "
-                     f"unseen {pct(zero_shot['acc_unseen'])}, H {pct(zero_shot['H'])}")
+                     f"unseen {pct(zero_shot['acc_unseen'])}, H {pct(zero_shot['H'])}; "
+                     f"among the unseen classes alone {pct(zero_shot['acc_zsl'])}")
     width = max((len(row["class"]) for row in scores["per_class"]), default=5)
     lines.append(f"  {'class':<{width}}  support  accuracy  precision")
     for row in scores["per_class"]:

@@ -147,6 +147,11 @@ def test_gzsl_prediction_and_harmonic_mean():
     assert openset.mean_class_accuracy(predicted, targets, [2, 3]) == pytest.approx(0.75)
     assert openset.harmonic_mean(1.0, 0.75) == pytest.approx(2 * 0.75 / 1.75)
     assert openset.harmonic_mean(0.0, 0.0) == 0.0 and openset.harmonic_mean(0.5, None) is None
+    # conventional zero-shot: unseen-class images named among the unseen classes only
+    choice = openset.best_unseen(compat, 2)
+    assert choice.tolist() == [2, 2, 3]
+    report = openset.zero_shot_report(torch.tensor([1, 0, 3]), torch.tensor([1, 3, 3]), 2, 4, choice)
+    assert report["acc_zsl"] == 0.5 and report["acc_unseen"] == 0.5 and report["acc_seen"] == 1.0
 
 
 # -- end to end on the demo data with held-out classes ----------------------------------------------
@@ -165,10 +170,17 @@ def zeroshot(tmp_path_factory) -> dict:
 
 def test_short_training_names_unseen_classes_above_chance(zeroshot):
     test = zeroshot["metrics"]  # train() returns val/* and test/* metrics in one dict
-    # 14 candidates: a guess would name the right one of the 4 unseen classes 1/14 of the time.
-    assert test["test/acc_unseen"] > 0.25 and test["test/H"] > 0.2
-    assert test["test/acc_seen"] > 0.6 and test["test/auroc_unknown"] > 0.6
-    assert test["val/acc_attributes"] > 0.5
+    # The bars sit below what 8 runs of this fixture measured: training seeds 42, 1, 2, 3, 4 (bf16 on an
+    # AMD CPU), seeds 42 and 1 in fp32, and demo data seed 1 (other held-out classes); and an Intel AMX
+    # machine's acc_unseen of 0.2375 (issue 16). Measured ranges in the comments.
+    # Naming among the 4 unseen classes alone (chance 0.25): 0.69 to 0.91.
+    assert test["test/acc_zsl"] > 0.5
+    # Generalized: the seen-or-unseen decision (calibrated stacking) comes first, then the name, among all
+    # 14 classes (chance 1/14 = 0.07): 0.15 to 0.375, the widest spread of all, so only above chance here.
+    assert test["test/acc_unseen"] > 0.1
+    assert test["test/acc_seen"] > 0.6  # 0.895 to 0.95
+    assert test["test/auroc_unknown"] > 0.55  # 0.71 to 0.89 with this fixture's data, 0.57 with data seed 1
+    assert test["val/acc_attributes"] > 0.5  # 0.98 to 0.99
 
 
 def test_the_checkpoint_carries_attributes_and_calibration(zeroshot):
@@ -193,7 +205,7 @@ def test_prediction_flags_unknowns_and_names_unseen_classes(zeroshot, tmp_path, 
     unseen = set(model.unseen_class_names)
     named = [r for r in rows if r["class"] in unseen]
     right = [r for r in named if labels[r["image_id"]] == r["class"]]
-    assert len(right) >= 10  # unseen classes are named, and mostly rightly
+    assert len(right) >= 8  # of 80 unseen-class images: 12 to 30 measured (acc_unseen 0.15 to 0.375), chance 5.7
     assert {r["open_set"] for r in rows} == {"known", "unknown"}
     novel = [r for r in rows if labels[r["image_id"]] in unseen]
     flagged_novel = sum(r["open_set"] == "unknown" for r in novel) / len(novel)

@@ -321,7 +321,8 @@ class AnimalClassifier(LightningModule):
         if compat is not None and self.unseen_class_names and self.calibration:
             predicted = openset.gzsl_predict(stats["predicted"], compat, num_seen,
                                              openset.seen_penalty(self.calibration, keep))
-            values.update(openset.zero_shot_report(predicted, stats["targets"], num_seen, len(self.all_class_names)))
+            values.update(openset.zero_shot_report(predicted, stats["targets"], num_seen, len(self.all_class_names),
+                                                   openset.best_unseen(compat, num_seen)))
         return {f"test/{name}": value for name, value in values.items() if value is not None}
 
     def validation_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:

@@ -78,8 +78,12 @@ def gzsl_predict(seen_predicted: torch.Tensor, compat: torch.Tensor, num_seen: i
     than attributes do), an unseen one gets the unseen class whose attributes fit it best.
     """
     chose_seen = stacking_margin(compat, num_seen) >= penalty
-    unseen_best = compat[:, num_seen:].argmax(dim=1) + num_seen
-    return torch.where(chose_seen, seen_predicted, unseen_best)
+    return torch.where(chose_seen, seen_predicted, best_unseen(compat, num_seen))
+
+
+def best_unseen(compat: torch.Tensor, num_seen: int) -> torch.Tensor:
+    """The unseen class whose attributes fit each image best (an index into seen + unseen classes)."""
+    return compat[:, num_seen:].argmax(dim=1) + num_seen
 
 
 def gzsl_probabilities(compat: torch.Tensor, num_seen: int, penalty: float) -> torch.Tensor:
@@ -130,9 +134,15 @@ def open_set_report(known_score: torch.Tensor, targets: torch.Tensor, num_seen: 
     return report
 
 
-def zero_shot_report(predicted: torch.Tensor, targets: torch.Tensor, num_seen: int, num_classes: int) -> dict:
+def zero_shot_report(predicted: torch.Tensor, targets: torch.Tensor, num_seen: int, num_classes: int,
+                     unseen_choice: torch.Tensor | None = None) -> dict:
     """Generalized zero-shot accuracy over seen + unseen classes: seen, unseen and their harmonic mean H,
-    each per-class averaged (Xian et al. 2017). Targets >= num_classes (novel, unnamed) count in neither."""
+    each per-class averaged (Xian et al. 2017). Targets >= num_classes (novel, unnamed) count in neither.
+    With `unseen_choice` (best_unseen), also `acc_zsl`: unseen-class images named among the unseen classes
+    alone (conventional zero-shot, per-class averaged), i.e. how well attributes name what is new."""
     seen = mean_class_accuracy(predicted, targets, range(num_seen))
     unseen = mean_class_accuracy(predicted, targets, range(num_seen, num_classes))
-    return {"acc_seen": seen, "acc_unseen": unseen, "H": harmonic_mean(seen, unseen)}
+    report = {"acc_seen": seen, "acc_unseen": unseen, "H": harmonic_mean(seen, unseen)}
+    if unseen_choice is not None:
+        report["acc_zsl"] = mean_class_accuracy(unseen_choice, targets, range(num_seen, num_classes))
+    return report
