@@ -59,28 +59,39 @@ def run_recipe(name: str, overrides: list[str], log_dir: Path) -> dict:
             "overrides": overrides, "run_dir": metrics["run_dir"], "test_source": metrics["test_source"]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser, *, backbone: str, image_size: int, epochs: int) -> None:
+    """The options every recipe benchmark shares: data, backbone, size, batch, epochs, per-row overrides."""
     parser.add_argument("--data", type=Path, default=CALTECH)
-    parser.add_argument("--backbone", default="resnet18")
-    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--backbone", default=backbone)
+    parser.add_argument("--image-size", type=int, default=image_size)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=24)
-    parser.add_argument("--recipes", default="report,default", help=f"comma-separated, from: {', '.join(RECIPES)}")
+    parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--set", action="append", default=[], metavar="RECIPE:OVERRIDE",
                         help="an extra override for one recipe, e.g. default:data.augment.mixup_alpha=0.2")
     parser.add_argument("--log-dir", type=Path, default=None, help="keep the runs here (default: a temp folder)")
-    args = parser.parse_args()
+
+
+def common_overrides(args: argparse.Namespace, pretrained: bool) -> tuple[list[str], dict[str, list[str]]]:
+    """What every recipe gets (the same data, backbone, size, batch and epochs; on the command line they win
+    over an experiment's own values), and each recipe's extra overrides from --set."""
     if not (args.data / "train").is_dir():
         raise SystemExit(f"no {args.data}/train: pass --data /path/to/dataset (train/<class>/ and test/<class>/)")
-
-    common = [f"data.root={args.data.resolve()}", f"model={args.backbone}", "model.pretrained=false",
-              f"model.image_size={args.image_size}", f"data.batch_size={args.batch_size}",
-              f"trainer.max_epochs={args.epochs}"]
+    common = [f"data.root={args.data.resolve()}", f"model={args.backbone}",
+              f"model.pretrained={str(pretrained).lower()}", f"model.image_size={args.image_size}",
+              f"data.batch_size={args.batch_size}", f"trainer.max_epochs={args.epochs}"]
     extra: dict[str, list[str]] = {}
     for item in args.set:
         recipe, _, override = item.partition(":")
         extra.setdefault(recipe, []).append(override)
+    return common, extra
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser, backbone="resnet18", image_size=128, epochs=24)
+    parser.add_argument("--recipes", default="report,default", help=f"comma-separated, from: {', '.join(RECIPES)}")
+    args = parser.parse_args()
+    common, extra = common_overrides(args, pretrained=False)
     names = args.recipes.split(",")
     with tempfile.TemporaryDirectory() as scratch:
         log_dir = args.log_dir or Path(scratch)

@@ -77,3 +77,15 @@ def test_predict_memory_reports_each_run(tmp_path):
                         "--batch-size", "8", cwd=tmp_path)
     assert [run["images"] for run in summary["runs"]] == [20, 40]
     assert all(run["peak_rss_mb"] > 0 for run in summary["runs"]) and "marginal_images_per_s" in summary["runs"][1]
+
+
+def test_finetune_compare_scores_the_probe_and_train_py_rows_on_the_test_folder(tmp_path, photos, monkeypatch):
+    monkeypatch.setenv("ANIMAL_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    make_folder(photos, {"cat": 4, "dog": 4, "fox": 4}, split="test")
+    summary = run_bench("finetune_compare.py", "--data", str(photos), "--image-size", "32", "--epochs", "1",
+                        "--batch-size", "8", "--rows", "probe,report,finetune_cpu", cwd=tmp_path)
+    rows = summary["rows"]
+    assert set(rows) == {"probe", "report", "finetune_cpu"} and rows["probe"]["test_images"] == 12
+    assert all(0 <= row["top1"] <= 1 and row["images_per_s"] > 0 for row in rows.values())
+    assert rows["finetune_cpu"]["test_source"] == "test class folders" and rows["report"]["epochs"] == 1
+    assert "errors_vs_report" in summary and "points_over_probe" in summary

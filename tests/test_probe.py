@@ -11,7 +11,7 @@ import torch
 from animal_lightning.data import AnimalDataModule
 from animal_lightning.errors import ModelConfigError
 from animal_lightning.models import AnimalClassifier
-from animal_lightning.models.probe import L2_GRID, fit_linear_probe
+from animal_lightning.models.probe import L2_GRID, fit_attribute_probe, fit_linear_probe
 
 
 def clusters(n: int, generator: torch.Generator, centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,6 +36,16 @@ def test_without_validation_images_the_default_penalty_is_used():
     train = clusters(100, generator, torch.randn(3, 8, generator=generator))
     _, _, info = fit_linear_probe(train, None, 3)
     assert info["l2"] == 1e-3 and info["val_acc"] != info["val_acc"]  # NaN: nothing to choose on
+
+
+def test_the_attribute_probe_predicts_each_classes_attributes():
+    generator = torch.Generator().manual_seed(2)
+    centres = torch.randn(4, 16, generator=generator)
+    features, labels = clusters(300, generator, centres)
+    matrix = torch.tensor([[1, 0, 1], [0, 1, 1], [1, 1, 0], [0, 0, 0]], dtype=torch.float32)  # class x attribute
+    weight, bias = fit_attribute_probe(features, matrix[labels], l2=1e-3)
+    predicted = torch.sigmoid(features @ weight.T + bias) > 0.5
+    assert weight.shape == (3, 16) and (predicted == matrix[labels].bool()).float().mean() > 0.95
 
 
 def fit_one_frozen_epoch(root, head_init: str) -> tuple[AnimalClassifier, float]:

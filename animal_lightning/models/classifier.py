@@ -395,11 +395,16 @@ class AnimalClassifier(LightningModule):
         train = extract(datamodule.probe_dataloader("train"))
         val = extract(datamodule.probe_dataloader("val"))
         weight, bias, info = probe.fit_linear_probe(train, val, len(self.class_names))
-        # every process fitted the same data; the first one's head is everyone's (identical start under DDP)
-        weight, bias = self.trainer.strategy.broadcast((weight, bias), src=0)
+        fitted = {head: (weight, bias)}
+        if self.hparams.attributes:  # the attribute head too starts from what the features already tell
+            attributes = self.attribute_targets[train[1]].cpu()
+            fitted[self.attribute_head] = probe.fit_attribute_probe(train[0], attributes, info["l2"])
+        # every process fitted the same data; the first one's heads are everyone's (identical start under DDP)
+        fitted = dict(zip(fitted, self.trainer.strategy.broadcast(list(fitted.values()), src=0), strict=True))
         with torch.no_grad():
-            head.weight.copy_(weight.to(head.weight.dtype).view_as(head.weight))
-            head.bias.copy_(bias.to(head.bias.dtype))
+            for layer, (weight, bias) in fitted.items():
+                layer.weight.copy_(weight.to(layer.weight.dtype).view_as(layer.weight))
+                layer.bias.copy_(bias.to(layer.bias.dtype))
         log.info("linear probe head: %d training images, %d features, L2 %g, validation accuracy %.4f "
                  "(%.0f s)", len(train[1]), train[0].shape[1], info["l2"], info["val_acc"],
                  time.perf_counter() - start)

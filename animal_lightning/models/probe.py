@@ -40,22 +40,26 @@ def head_inputs(net: nn.Module, head: nn.Linear, batches: Iterable, device: torc
     return torch.cat(features), torch.cat(labels)
 
 
-def _fit(features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float,
-         max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
-    weight = torch.zeros(num_classes, features.shape[1], requires_grad=True)
-    bias = torch.zeros(num_classes, requires_grad=True)
+def _fit(features: torch.Tensor, targets: torch.Tensor, outputs: int, l2: float, max_iter: int,
+         loss=F.cross_entropy) -> tuple[torch.Tensor, torch.Tensor]:
+    weight = torch.zeros(outputs, features.shape[1], requires_grad=True)
+    bias = torch.zeros(outputs, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
                                   tolerance_grad=1e-6, line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
-        loss = F.cross_entropy(features @ weight.T + bias, labels) + 0.5 * l2 * weight.pow(2).sum()
-        loss.backward()
-        return loss
+        value = loss(features @ weight.T + bias, targets) + 0.5 * l2 * weight.pow(2).sum()
+        value.backward()
+        return value
 
     with torch.enable_grad():
         optimizer.step(closure)
     return weight.detach(), bias.detach()
+
+
+def _standardise(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return features.mean(0), features.std(0).clamp_min(1e-6)
 
 
 def fit_linear_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor] | None,
@@ -67,7 +71,7 @@ def fit_linear_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.
     wins (the strongest on ties); without validation images, 1e-3.
     """
     features, labels = train
-    mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
+    mean, std = _standardise(features)
     standard = (features - mean) / std
     best: tuple | None = None
     for l2 in (L2_GRID if val is not None and len(val[1]) else (1e-3,)):
@@ -80,3 +84,14 @@ def fit_linear_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.
     train_acc = float(((standard @ weight.T + bias).argmax(1) == labels).float().mean())
     folded = weight / std
     return folded, bias - folded @ mean, {"l2": l2, "val_acc": score, "train_acc": train_acc}
+
+
+def fit_attribute_probe(features: torch.Tensor, attributes: torch.Tensor, l2: float,
+                        max_iter: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attribute head's (weight, bias) for raw features: each attribute an L2-regularised logistic
+    regression on the standardised features, against each image's class attribute values in [0, 1]."""
+    mean, std = _standardise(features)
+    weight, bias = _fit((features - mean) / std, attributes, attributes.shape[1], l2, max_iter,
+                        loss=F.binary_cross_entropy_with_logits)
+    folded = weight / std
+    return folded, bias - folded @ mean
