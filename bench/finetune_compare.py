@@ -41,6 +41,7 @@ ROWS = {
     "finetune_cpu_random_head": ["experiment=finetune_cpu", "model.head_init=random"],
     "finetune_cpu_head_warmup": ["experiment=finetune_cpu", "model.head_init=random", "model.freeze_backbone_epochs=1"],
     "finetune_cpu_full_lr": ["experiment=finetune_cpu", "model.backbone_lr_mult=1.0"],
+    "finetune_cpu_train_bn": ["experiment=finetune_cpu", "model.freeze_bn=false"],
     "finetune_cpu_ema": ["experiment=finetune_cpu", "callbacks=ema"],
     "finetune_cpu_trivial_augment": ["experiment=finetune_cpu", "data.augment.policy=trivial_augment",
                                      "data.augment.random_erasing=0.1"],

@@ -250,6 +250,25 @@ def test_frozen_backbone_phase_trains_only_the_head(tmp_path):
     assert not torch.equal(thawed["bn1.running_mean"], frozen["bn1.running_mean"])
 
 
+def test_freeze_bn_keeps_the_running_statistics_while_everything_trains(tmp_path):
+    root = make_folder(tmp_path / "ds", {"a": 6, "b": 6})
+    dm = AnimalDataModule(root, batch_size=4, num_workers=0)
+    model = AnimalClassifier(dm.class_names, backbone="resnet18", pretrained=False, image_size=32, freeze_bn=True,
+                             optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2))
+    dm.use_preprocess(model.preprocess)
+    initial = {k: v.clone() for k, v in model.net.state_dict().items()}
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu")
+    trainer.fit(model, dm)
+    after = model.net.state_dict()
+    for name, value in initial.items():
+        if "running_" in name:
+            assert torch.equal(after[name], value), f"{name} changed"
+    # the convolutions, and the BatchNorm scales and shifts, still train
+    assert not torch.equal(after["conv1.weight"], initial["conv1.weight"])
+    assert not torch.equal(after["bn1.weight"], initial["bn1.weight"])
+
+
 def test_inception_trains_with_its_auxiliary_head(tmp_path):
     model = AnimalClassifier(["a", "b"], backbone="inception_v3", pretrained=False)
     model.train()

@@ -98,4 +98,5 @@ def test_an_unknown_head_init_is_one_line_with_the_choices():
 def test_finetune_cpu_is_the_packaged_lite0_with_a_probe_head(compose_cfg):
     cfg = compose_cfg("experiment=finetune_cpu")
     assert cfg.model.backbone == "efficientnet_lite0" and cfg.model.pretrained and cfg.model.head_init == "probe"
+    assert cfg.model.freeze_bn and cfg.model.backbone_lr_mult == 0.1
     assert cfg.trainer.accelerator == "cpu"

@@ -109,6 +109,7 @@ class AnimalClassifier(LightningModule):
         freeze_backbone_epochs: int = 0,
         backbone_lr_mult: float = 1.0,
         head_init: str = "random",  # probe: fit the new head as a linear probe on frozen features first
+        freeze_bn: bool = False,  # True: BatchNorm layers keep their running statistics all through training
         label_smoothing: float = 0.0,
         aux_loss_weight: float = 0.4,
         channels_last: bool = True,
@@ -132,7 +133,7 @@ class AnimalClassifier(LightningModule):
             "weights_path": str(weights_path) if weights_path else None,
             "image_size": int(image_size) if image_size else None,
             "freeze_backbone_epochs": int(freeze_backbone_epochs), "backbone_lr_mult": float(backbone_lr_mult),
-            "head_init": str(head_init),
+            "head_init": str(head_init), "freeze_bn": bool(freeze_bn),
             "label_smoothing": float(label_smoothing),
             "aux_loss_weight": float(aux_loss_weight), "channels_last": bool(channels_last),
             "class_weights": class_weights, "attributes": _plain_attributes(attributes, class_names),
@@ -394,7 +395,8 @@ class AnimalClassifier(LightningModule):
                           autocast=self.trainer.precision_plugin.forward_context)
         train = extract(datamodule.probe_dataloader("train"))
         val = extract(datamodule.probe_dataloader("val"))
-        weight, bias, info = probe.fit_linear_probe(train, val, len(self.class_names))
+        weight, bias, info = probe.fit_linear_probe(train, val, len(self.class_names),
+                                                    label_smoothing=self.hparams.label_smoothing)
         fitted = {head: (weight, bias)}
         if self.hparams.attributes:  # the attribute head too starts from what the features already tell
             attributes = self.attribute_targets[train[1]].cpu()
@@ -419,7 +421,7 @@ class AnimalClassifier(LightningModule):
         # Modes set here persist (Lightning restores them after validation), so thawing resets them.
         for module in self.net.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.train(not frozen)
+                module.train(not (frozen or self.hparams.freeze_bn))
         if self.hparams.freeze_backbone_epochs and self.current_epoch == self.hparams.freeze_backbone_epochs:
             log.info("epoch %d: backbone unfrozen, training the whole network", self.current_epoch)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -63,19 +64,23 @@ def _standardise(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fit_linear_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor] | None,
-                     num_classes: int, max_iter: int = 300) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                     num_classes: int, max_iter: int = 300,
+                     label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """A Linear layer's (weight, bias) for raw features, and what was chosen: {"l2", "val_acc", "train_acc"}.
 
     Features are standardised for the fit (one penalty suits every backbone) and the scaling is folded
-    back into the weights. Each penalty of L2_GRID is fitted; the one with the best validation accuracy
-    wins (the strongest on ties); without validation images, 1e-3.
+    back into the weights. `label_smoothing` fits the loss that fine-tuning will use, so training starts
+    where it would put the head on these features (an over-confident head would first be shrunk). Each
+    penalty of L2_GRID is fitted; the best validation accuracy wins (the strongest penalty on ties);
+    without validation images, 1e-3.
     """
     features, labels = train
     mean, std = _standardise(features)
     standard = (features - mean) / std
     best: tuple | None = None
     for l2 in (L2_GRID if val is not None and len(val[1]) else (1e-3,)):
-        weight, bias = _fit(standard, labels, num_classes, l2, max_iter)
+        weight, bias = _fit(standard, labels, num_classes, l2, max_iter,
+                            loss=partial(F.cross_entropy, label_smoothing=label_smoothing))
         score = float((((val[0] - mean) / std @ weight.T + bias).argmax(1) == val[1]).float().mean()) \
             if val is not None and len(val[1]) else float("nan")
         if best is None or score >= best[0]:
