@@ -21,7 +21,8 @@ from tests.conftest import FAST, assert_png, compose_config, read_rows, write_im
 # patches), or the heatmap is either blurred to nothing or not about the class.
 CAM_GRID = {"resnet18": (64, 2), "resnet50": (64, 2), "resnet101": (64, 2), "vgg16": (64, 4), "zfnet": (64, 4),
             "convnext_tiny": (64, 2), "efficientnet_b0": (64, 2), "vit_b_16": (64, 4), "inception_v3": (299, 8),
-            "inception_v4": (75, 1)}
+            "inception_v4": (75, 1), "efficientnet_lite0": (64, 2), "efficientnet_lite1": (64, 2),
+            "efficientnet_lite2": (64, 2)}
 
 
 def test_every_backbone_has_a_cam_layer_check():
