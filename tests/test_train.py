@@ -121,6 +121,7 @@ def test_short_real_training_clearly_beats_chance(trained):
     ("logger", "tensorboard"), ("logger", "csv"), ("logger", "many"),
     ("callbacks", "default"), ("callbacks", "early_stopping"), ("callbacks", "none"),
     ("experiment", "seed_report"), ("experiment", "demo"), ("experiment", "finetune_gpu"),
+    ("experiment", "finetune_cpu"),
     ("experiment", "scratch_cpu"), ("experiment", "demo_zeroshot"), ("callbacks", "ema"),
     ("debug", "fdr"), ("debug", "overfit"), ("debug", "limit"),
     ("data", "animals"), ("data", "synthetic"),
