@@ -157,6 +157,7 @@ class AnimalClassifier(LightningModule):
         self.calibration: dict | None = None  # open-set and stacking quantiles from the last validation
         self._stats: list[dict] = []  # per-batch scores gathered over an evaluation epoch
         self._features: torch.Tensor | None = None
+        self.probe_result: dict | None = None  # what head_init=probe fitted (l2, val_acc, images, seconds)
         attributes = self.hparams.attributes
         if attributes:
             # The image features are the classifier head's input: the factory names the head, a hook reads it.
@@ -407,10 +408,9 @@ class AnimalClassifier(LightningModule):
             for layer, (weight, bias) in fitted.items():
                 layer.weight.copy_(weight.to(layer.weight.dtype).view_as(layer.weight))
                 layer.bias.copy_(bias.to(layer.bias.dtype))
-        log.info("linear probe head: %d training images, %d features, L2 %g, validation accuracy %.4f "
-                 "(%.0f s)", len(train[1]), train[0].shape[1], info["l2"], info["val_acc"],
-                 time.perf_counter() - start)
         self.probe_result = {**info, "images": len(train[1]), "seconds": round(time.perf_counter() - start, 1)}
+        log.info("linear probe head: %d training images, %d features, L2 %g, validation accuracy %.4f (%.0f s)",
+                 len(train[1]), train[0].shape[1], info["l2"], info["val_acc"], self.probe_result["seconds"])
 
     def on_train_epoch_start(self) -> None:
         frozen = self.current_epoch < self.hparams.freeze_backbone_epochs
