@@ -22,6 +22,7 @@ import argparse
 import json
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from recipe_compare import add_arguments, common_overrides, run_recipe
 from animal_lightning.data import AnimalDataModule
 from animal_lightning.models import AnimalClassifier
 from animal_lightning.models.classifier import MeanClassRecall
-from animal_lightning.models.probe import fit_linear_probe, head_inputs
+from animal_lightning.models.probe import fit_linear_probe
 
 ROWS = {
     "report": ["experiment=seed_report"],
@@ -56,9 +57,7 @@ def linear_probe(data: Path, backbone: str, image_size: int, batch_size: int) ->
     model = AnimalClassifier(datamodule.class_names, backbone=backbone, pretrained=True, image_size=image_size)
     datamodule.use_preprocess(model.preprocess)
     datamodule.setup("fit")
-    head = model.net.get_submodule(model.head_names[0])
-    extract = lambda loader: head_inputs(model.net, head, loader, torch.device("cpu"), model._prepare,  # noqa: E731
-                                         lambda: torch.autocast("cpu", torch.bfloat16))
+    extract = partial(model.probe_features, autocast=partial(torch.autocast, "cpu", torch.bfloat16))
     train = extract(datamodule.probe_dataloader("train"))
     val = extract(datamodule.probe_dataloader("val"))
     test = extract(datamodule.test_dataloader())

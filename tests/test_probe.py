@@ -100,3 +100,33 @@ def test_finetune_cpu_is_the_packaged_lite0_with_a_probe_head(compose_cfg):
     assert cfg.model.backbone == "efficientnet_lite0" and cfg.model.pretrained and cfg.model.head_init == "probe"
     assert cfg.model.freeze_bn and cfg.model.backbone_lr_mult == 0.1
     assert cfg.trainer.accelerator == "cpu"
+
+
+def test_a_probe_head_without_the_projects_datamodule_is_one_line(tmp_path):
+    """A plain LightningDataModule has no probe_dataloader: the error names the fix before any step."""
+    images = torch.rand(8, 3, 32, 32)
+    labels = torch.tensor([0, 1] * 4)
+
+    class Plain(L.LightningDataModule):
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=4)
+
+    model = AnimalClassifier(["a", "b"], backbone="resnet18", pretrained=False, image_size=32, head_init="probe",
+                             optimizer=partial(torch.optim.AdamW, lr=1e-3))
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path)
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(ModelConfigError, match=r"needs the project's DataModule .*set model.head_init=random$"):
+        trainer.fit(model, Plain())
+    assert trainer.global_step == 0 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_probe_features_are_what_the_head_receives():
+    model = AnimalClassifier(["a", "b"], backbone="resnet18", pretrained=False, image_size=32).eval()
+    images, labels = torch.rand(6, 3, 32, 32), torch.tensor([0, 1, 0, 1, 1, 0])
+    features, got = model.probe_features([(images[:4], labels[:4]), (images[4:], labels[4:])])
+    head = model.net.get_submodule(model.head_names[0])
+    assert features.shape == (6, head.in_features) and torch.equal(got, labels)
+    with torch.no_grad():
+        expected = model(images)
+    torch.testing.assert_close(head(features), expected, rtol=1e-4, atol=1e-4)

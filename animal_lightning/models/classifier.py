@@ -6,6 +6,7 @@ loaded with torch.load(weights_only=True) and still rebuild the model and its pr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -14,7 +15,6 @@ import re
 import time
 import zipfile
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -384,6 +384,18 @@ class AnimalClassifier(LightningModule):
         if self.hparams.head_init == "probe" and self.trainer.global_step == 0:  # not when resuming
             self._fit_probe_head()
 
+    def probe_features(self, batches, autocast: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the class head receives for every image of `batches` (N x D, float32, CPU) and the labels.
+
+        The network runs in eval mode under `autocast` (default: the Trainer's precision when attached,
+        else full precision), on the model's device, with the model's own input preparation.
+        """
+        if autocast is None:
+            autocast = self.trainer.precision_plugin.forward_context if self._trainer is not None \
+                else contextlib.nullcontext
+        return probe.head_inputs(self.net, self.net.get_submodule(self.head_names[0]), batches, device=self.device,
+                                 prepare=self._prepare, autocast=autocast)
+
     def _fit_probe_head(self) -> None:
         """LP-FT: the new head becomes a linear probe of the (pretrained) features before any step."""
         datamodule = self.trainer.datamodule
@@ -391,14 +403,11 @@ class AnimalClassifier(LightningModule):
             raise ModelConfigError("model.head_init=probe needs the project's DataModule (probe_dataloader): "
                                    "set model.head_init=random")
         start = time.perf_counter()
-        head = self.net.get_submodule(self.head_names[0])
-        extract = partial(probe.head_inputs, self.net, head, device=self.device, prepare=self._prepare,
-                          autocast=self.trainer.precision_plugin.forward_context)
-        train = extract(datamodule.probe_dataloader("train"))
-        val = extract(datamodule.probe_dataloader("val"))
+        train = self.probe_features(datamodule.probe_dataloader("train"))
+        val = self.probe_features(datamodule.probe_dataloader("val"))
         weight, bias, info = probe.fit_linear_probe(train, val, len(self.class_names),
                                                     label_smoothing=self.hparams.label_smoothing)
-        fitted = {head: (weight, bias)}
+        fitted = {self.net.get_submodule(self.head_names[0]): (weight, bias)}
         if self.hparams.attributes:  # the attribute head too starts from what the features already tell
             attributes = self.attribute_targets[train[1]].cpu()
             fitted[self.attribute_head] = probe.fit_attribute_probe(train[0], attributes, info["l2"])
