@@ -14,6 +14,7 @@ Prints JSON, then a one-line summary. Default data: ../shared/data/caltech101 (1
 training photos, 2,893 test photos).
 
     python bench/finetune_compare.py [--image-size 224] [--epochs 3] [--rows probe,report,finetune_cpu]
+        [--per-class 16:8]   # a quick pilot on the first 16 training and 8 test photos of each class
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from recipe_compare import add_arguments, common_overrides, run_recipe
+from recipe_compare import add_arguments, common_overrides, run_recipe, use_pilot_subset
 
 from animal_lightning.data import AnimalDataModule
 from animal_lightning.models import AnimalClassifier
@@ -78,10 +79,11 @@ def main() -> None:
     parser.add_argument("--rows", default="probe,report,finetune_cpu",
                         help=f"comma-separated: probe, {', '.join(ROWS)}")
     args = parser.parse_args()
-    common, extra = common_overrides(args, pretrained=True)
-    train_images = len(AnimalDataModule(args.data, check_images=False).index.train)
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as scratch:
+        use_pilot_subset(args, Path(scratch))
+        common, extra = common_overrides(args, pretrained=True)
+        train_images = len(AnimalDataModule(args.data, check_images=False).index.train)
         log_dir = args.log_dir or Path(scratch)
         for name in args.rows.split(","):
             if name == "probe":
@@ -94,7 +96,8 @@ def main() -> None:
                                                       / results[name]["wall_seconds"], 1)
             print(f"{name}: {json.dumps(results[name])}", flush=True)
 
-    report = {"benchmark": "finetune_compare", "data": str(args.data), "backbone": args.backbone,
+    report = {"benchmark": "finetune_compare", "data": str(args.source),
+              "per_class": args.per_class, "backbone": args.backbone,
               "image_size": args.image_size, "batch_size": args.batch_size, "epochs": args.epochs, "rows": results}
     if "report" in results and "finetune_cpu" in results:  # the target: at most 0.5 (half the mistakes)
         report_errors = 1 - results["report"]["top1"]

@@ -6,7 +6,7 @@ Prints JSON, then a one-line summary. Default data: ../shared/data/caltech101 (1
 5,784 training photos, imbalanced; test/<class>/ is held out).
 
     python bench/recipe_compare.py [--epochs 24] [--backbone resnet18] [--image-size 128]
-        [--recipes report,default] [--set default:data.augment.random_erasing=0.25 ...]
+        [--recipes report,default] [--set default:data.augment.random_erasing=0.25 ...] [--per-class 16:8]
 """
 
 from __future__ import annotations
@@ -69,6 +69,27 @@ def add_arguments(parser: argparse.ArgumentParser, *, backbone: str, image_size:
     parser.add_argument("--set", action="append", default=[], metavar="RECIPE:OVERRIDE",
                         help="an extra override for one recipe, e.g. default:data.augment.mixup_alpha=0.2")
     parser.add_argument("--log-dir", type=Path, default=None, help="keep the runs here (default: a temp folder)")
+    parser.add_argument("--per-class", default=None, metavar="TRAIN:TEST",
+                        help="a quick pilot: only the first TRAIN training and TEST test photos of each class "
+                             "(sorted by name), linked into a temporary copy of the data")
+
+
+def use_pilot_subset(args: argparse.Namespace, scratch: Path) -> None:
+    """With --per-class, point args.data at a linked subset of it under `scratch` (the same for every row)."""
+    args.source = args.data  # what the report names
+    if args.per_class is None:
+        return
+    try:
+        counts = dict(zip(("train", "test"), (int(n) for n in args.per_class.split(":")), strict=True))
+    except ValueError:
+        raise SystemExit(f"--per-class {args.per_class}: expected TRAIN:TEST photo counts, e.g. 16:8") from None
+    subset = scratch / "pilot_data"
+    for split, count in counts.items():
+        for folder in sorted(p for p in (args.data / split).iterdir() if p.is_dir()):
+            (subset / split / folder.name).mkdir(parents=True)
+            for photo in sorted(p for p in folder.iterdir() if p.is_file())[:count]:
+                (subset / split / folder.name / photo.name).symlink_to(photo.resolve())
+    args.data = subset
 
 
 def common_overrides(args: argparse.Namespace, pretrained: bool) -> tuple[list[str], dict[str, list[str]]]:
@@ -91,13 +112,15 @@ def main() -> None:
     add_arguments(parser, backbone="resnet18", image_size=128, epochs=24)
     parser.add_argument("--recipes", default="report,default", help=f"comma-separated, from: {', '.join(RECIPES)}")
     args = parser.parse_args()
-    common, extra = common_overrides(args, pretrained=False)
     names = args.recipes.split(",")
     with tempfile.TemporaryDirectory() as scratch:
+        use_pilot_subset(args, Path(scratch))
+        common, extra = common_overrides(args, pretrained=False)
         log_dir = args.log_dir or Path(scratch)
         results = {name: run_recipe(name, RECIPES[name] + common + extra.get(name, []), log_dir) for name in names}
 
-    report = {"benchmark": "recipe_compare", "data": str(args.data), "backbone": args.backbone,
+    report = {"benchmark": "recipe_compare", "data": str(args.source),
+              "per_class": args.per_class, "backbone": args.backbone,
               "image_size": args.image_size, "batch_size": args.batch_size, "epochs": args.epochs,
               "recipes": results}
     if "report" in results and "default" in results:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -83,9 +84,30 @@ def test_finetune_compare_scores_the_probe_and_train_py_rows_on_the_test_folder(
     monkeypatch.setenv("ANIMAL_LIGHTNING_CACHE", str(tmp_path / "cache"))
     make_folder(photos, {"cat": 4, "dog": 4, "fox": 4}, split="test")
     summary = run_bench("finetune_compare.py", "--data", str(photos), "--image-size", "32", "--epochs", "1",
-                        "--batch-size", "8", "--rows", "probe,report,finetune_cpu", cwd=tmp_path)
+                        "--batch-size", "8", "--rows", "probe,report,finetune_cpu", "--per-class", "10:3",
+                        cwd=tmp_path)
     rows = summary["rows"]
-    assert set(rows) == {"probe", "report", "finetune_cpu"} and rows["probe"]["test_images"] == 12
+    assert summary["data"] == str(photos) and summary["per_class"] == "10:3"
+    assert set(rows) == {"probe", "report", "finetune_cpu"} and rows["probe"]["test_images"] == 9  # 3 of 4 a class
     assert all(0 <= row["top1"] <= 1 and row["images_per_s"] > 0 for row in rows.values())
     assert rows["finetune_cpu"]["test_source"] == "test class folders" and rows["report"]["epochs"] == 1
     assert "errors_vs_report" in summary and "points_over_probe" in summary
+
+
+def test_a_pilot_subset_links_the_first_photos_of_each_class(tmp_path, photos, monkeypatch):
+    monkeypatch.syspath_prepend(str(PROJECT / "bench"))
+    from recipe_compare import use_pilot_subset
+
+    make_folder(photos, {"cat": 4, "dog": 4}, split="test")
+    args = argparse.Namespace(data=photos, per_class="5:2")
+    use_pilot_subset(args, tmp_path / "scratch")
+    assert args.source == photos and args.data != photos
+    for split, count in (("train", 5), ("test", 2)):
+        for name in ("cat", "dog"):
+            linked = sorted((args.data / split / name).iterdir())
+            assert [p.name for p in linked] == sorted(p.name for p in (photos / split / name).iterdir())[:count]
+            assert all(p.resolve().parent == (photos / split / name).resolve() for p in linked)
+    assert not any(photos.rglob("pilot_data"))  # the source is only read
+    args = argparse.Namespace(data=photos, per_class="16")
+    with pytest.raises(SystemExit, match=r"--per-class 16: expected TRAIN:TEST photo counts, e.g. 16:8"):
+        use_pilot_subset(args, tmp_path / "other")
