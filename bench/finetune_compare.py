@@ -48,6 +48,8 @@ ROWS = {
     "finetune_cpu_trivial_augment": ["experiment=finetune_cpu", "data.augment.policy=trivial_augment",
                                      "data.augment.random_erasing=0.1"],
     "finetune_cpu_no_smoothing": ["experiment=finetune_cpu", "model.label_smoothing=0"],
+    "finetune_cpu_lr1e-3": ["experiment=finetune_cpu", "optimizer.lr=1e-3"],
+    "finetune_cpu_fixres": ["experiment=finetune_cpu", "data.augment.train_crop_ratio=0.875"],
 }
 
 

@@ -118,7 +118,7 @@ def test_a_probe_head_without_the_projects_datamodule_is_one_line(tmp_path):
     before = [p.clone() for p in model.parameters()]
     with pytest.raises(ModelConfigError, match=r"needs the project's DataModule .*set model.head_init=random$"):
         trainer.fit(model, Plain())
-    assert trainer.global_step == 0 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert trainer.global_step == 0 and all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_probe_features_are_what_the_head_receives():

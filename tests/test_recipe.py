@@ -7,11 +7,14 @@ from pathlib import Path
 import lightning.pytorch as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.optim.swa_utils import AveragedModel
 
+from animal_lightning.callbacks import EMA
 from animal_lightning.data import AnimalDataModule
 from animal_lightning.data.datamodule import MixCollate
 from animal_lightning.data.transforms import PreprocessSpec, train_transform
+from animal_lightning.errors import ModelConfigError
 from animal_lightning.models import AnimalClassifier
 from animal_lightning.training import train
 from tests.conftest import FAST, make_folder
@@ -88,7 +91,7 @@ def test_ema_weights_are_validated_and_saved(tmp_path):
     model = AnimalClassifier(dm.class_names, backbone="resnet18", pretrained=False, image_size=32,
                              optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2))
     dm.use_preprocess(model.preprocess)
-    ema, spy = EMAWeightAveraging(decay=0.9), WeightSpy()
+    ema, spy = EMA(decay=0.9), WeightSpy()
     saver = ModelCheckpoint(dirpath=tmp_path, filename="best", monitor="val/acc", mode="max")  # as configured
     trainer = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, accelerator="cpu", callbacks=[ema, spy, saver],
@@ -105,6 +108,35 @@ def test_ema_weights_are_validated_and_saved(tmp_path):
     assert not torch.allclose(saved, raw)
     restored, _ = AnimalClassifier.from_checkpoint(path)  # prediction gets the averaged weights
     assert torch.equal(restored.net.conv1.weight, saved)
+
+
+def average_after(updates: int, **ema) -> float:
+    """The averaged weight after a weight of 0 (where training starts) jumps to 1 and stays there."""
+    weight = torch.nn.Parameter(torch.zeros(1))
+    averaged = AveragedModel(torch.nn.ParameterList([weight]), **EMA(**ema)._kwargs)
+    averaged.update_parameters(torch.nn.ParameterList([weight]))  # the first update copies the start
+    with torch.no_grad():
+        weight.fill_(1.0)
+    for _ in range(updates):
+        averaged.update_parameters(torch.nn.ParameterList([weight]))
+    return float(averaged.module[0].detach())
+
+
+def test_the_ema_decay_warms_up_so_short_runs_average_their_own_weights():
+    assert average_after(400, decay=0.999, warmup=0) == pytest.approx(1 - 0.999 ** 400, rel=1e-4)  # 0.33: the start
+    assert average_after(400, decay=0.999) > 0.97  # the warmed-up decay has left the start behind
+    assert average_after(2, decay=0.999) < average_after(20, decay=0.999) < 1  # and still averages
+    # (1 + n) / (10 + n) is 2/11 at the first average, then passes 0.2: the fixed decay rules from there on
+    assert average_after(5, decay=0.2) == pytest.approx(1 - (2 / 11) * 0.2 ** 4, rel=1e-4)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"decay": 1.5}, r"^callbacks.ema.decay=1.5 must be in \[0, 1\] \(e.g. 0.998\)$"),
+    ({"warmup": -1}, r"^callbacks.ema.warmup=-1 must be >= 0"),
+])
+def test_bad_ema_settings_are_one_line(bad, message):
+    with pytest.raises(ModelConfigError, match=message):
+        EMA(**bad)
 
 
 def test_lr_finder_runs_and_its_suggestion_is_used(compose_cfg, copy_synthetic):
