@@ -50,6 +50,7 @@ ROWS = {
     "finetune_cpu_no_smoothing": ["experiment=finetune_cpu", "model.label_smoothing=0"],
     "finetune_cpu_lr1e-3": ["experiment=finetune_cpu", "optimizer.lr=1e-3"],
     "finetune_cpu_fixres": ["experiment=finetune_cpu", "data.augment.train_crop_ratio=0.875"],
+    "finetune_cpu_squash": ["experiment=finetune_cpu", "data.resize_mode=squash"],
 }
 
 

@@ -265,6 +265,21 @@ def test_a_lone_last_training_image_is_not_a_batch(tmp_path):
     assert [len(y) for _, y in small.train_dataloader()] == [17]  # never drop the only batch
 
 
+def test_the_probe_loader_reads_every_image_of_a_split_once_without_augmentation(tmp_path):
+    root = make_folder(tmp_path / "ds", {"cat": 10, "dog": 11})  # 17 train images: a ragged last batch is kept
+    dm = AnimalDataModule(root, batch_size=4, num_workers=1, check_images=False)
+    dm.use_preprocess(SPEC)
+    dm.setup("fit")
+    loader = dm.probe_dataloader("train")
+    assert not loader.persistent_workers and dm.train_dataloader().persistent_workers  # read once, not kept
+    first = torch.cat([labels for _, labels in loader])
+    assert first.tolist() == [label for _, label in dm.train_set.samples]  # every image, in order
+    images = torch.cat([images for images, _ in dm.probe_dataloader("train")])
+    again = torch.cat([images for images, _ in dm.probe_dataloader("train")])
+    assert len(images) == 17 and torch.equal(images, again)  # the evaluation transform: no random crops
+    assert len(torch.cat([labels for _, labels in dm.probe_dataloader("val")])) == len(dm.val_set)
+
+
 def test_setup_before_preprocess_is_a_clear_error(tmp_path):
     dm = AnimalDataModule(make_folder(tmp_path / "ds", {"a": 3, "b": 3}), num_workers=0)
     with pytest.raises(RuntimeError, match="use_preprocess"):

@@ -235,10 +235,12 @@ class AnimalDataModule(LightningDataModule):
         novel_samples = [(path, offset + novel.index(name)) for path, name in index.novel_test]
         self.test_set = ImageSamples(index.test + novel_samples, evaluation)
 
-    def _loader(self, dataset: ImageSamples, batch_size: int, **kwargs) -> DataLoader:
+    def _loader(self, dataset: ImageSamples, batch_size: int, persistent: bool = True, **kwargs) -> DataLoader:
+        """persistent=False: a loader read once (its workers end with the pass instead of living on)."""
         workers = self.num_workers
         return DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=self.pin_memory,
-                          multiprocessing_context=worker_context(workers), persistent_workers=workers > 0,
+                          multiprocessing_context=worker_context(workers),
+                          persistent_workers=persistent and workers > 0,
                           worker_init_fn=worker_init if workers > 0 else None, **kwargs)
 
     def _train_collate(self):
@@ -283,7 +285,7 @@ class AnimalDataModule(LightningDataModule):
     def probe_dataloader(self, split: str = "train") -> DataLoader:
         """Every image of a split with the evaluation transform, on every process: a linear probe's data."""
         samples = {"train": self.train_set.samples, "val": self.val_set.samples}[split]
-        return self._loader(ImageSamples(samples, self.val_set.transform), self.eval_batch_size)
+        return self._loader(ImageSamples(samples, self.val_set.transform), self.eval_batch_size, persistent=False)
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self.test_set)
