@@ -28,17 +28,37 @@ from animal_lightning.models.classifier import gather_objects
 log = logging.getLogger(__name__)
 
 
-def warmup_ema_avg_fn(decay: float, warmup: float):
-    """An AveragedModel update whose decay after n updates is min(decay, (1 + n) / (warmup + n))."""
-    if not 0.0 <= decay <= 1.0:
-        raise ModelConfigError(f"callbacks.ema.decay={decay} must be in [0, 1] (e.g. 0.998)")
+class WarmupEMAUpdate:
+    """AveragedModel's multi-tensor update: decay min(decay, (1 + n) / (warmup + n)) at the n-th average.
+
+    warmup=0: always `decay`. Floating-point tensors move towards the model's by lerp (in their own
+    dtype: the rate is a Python float, not rounded to bf16); integer and bool buffers (BatchNorm's
+    batch counter) take the model's value. A module-level class, so the callback pickles (ddp_spawn).
+    """
+
+    def __init__(self, decay: float, warmup: float):
+        if not 0.0 <= decay <= 1.0:
+            raise ModelConfigError(f"callbacks.ema.decay={decay} must be in [0, 1] (e.g. 0.998)")
+        if warmup < 0:
+            raise ModelConfigError(f"callbacks.ema.warmup={warmup} must be >= 0 (e.g. 10; 0: a fixed decay)")
+        self.decay, self.warmup = float(decay), float(warmup)
+
+    def rate(self, num_averaged: int) -> float:
+        """The decay at the n-th average (n = 1 at the first one after the initial copy)."""
+        if self.warmup == 0:
+            return self.decay
+        return min(self.decay, (1 + num_averaged) / (self.warmup + num_averaged))
 
     @torch.no_grad()
-    def update(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-        rate = ((1 + num_averaged) / (warmup + num_averaged)).clamp(max=decay).to(averaged.dtype)
-        return averaged * rate + current * (1 - rate)
-
-    return update
+    def __call__(self, averaged: list[torch.Tensor], current: list[torch.Tensor],
+                 num_averaged: torch.Tensor | int) -> None:
+        weight = 1.0 - self.rate(int(num_averaged))
+        floats = [(a, c) for a, c in zip(averaged, current, strict=True) if a.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], weight)
+        for a, c in zip(averaged, current, strict=True):
+            if not a.is_floating_point():
+                a.copy_(c)
 
 
 class EMA(EMAWeightAveraging):
@@ -52,12 +72,12 @@ class EMA(EMAWeightAveraging):
     """
 
     def __init__(self, decay: float = 0.999, warmup: float = 10.0, **kwargs: Any):
-        if warmup < 0:
-            raise ModelConfigError(f"callbacks.ema.warmup={warmup} must be >= 0 (e.g. 10; 0: a fixed decay)")
-        average = warmup_ema_avg_fn(decay, warmup)  # checks the decay too
+        update = WarmupEMAUpdate(decay, warmup)  # checks both settings first
         super().__init__(decay=decay, **kwargs)
-        if warmup > 0:
-            self._kwargs["avg_fn"] = average
+        # EMAWeightAveraging handed AveragedModel a per-tensor avg_fn (a closure, which cannot be pickled):
+        # the multi-tensor update replaces it (the kwargs go to AveragedModel when fitting starts)
+        self._kwargs.pop("avg_fn", None)
+        self._kwargs["multi_avg_fn"] = update
 
 
 def _figure_loggers(trainer: Trainer) -> list:

@@ -56,7 +56,7 @@ def instantiate_group(group: DictConfig | None, kind: type) -> list:
     objects = []
     for name, entry in (group or {}).items():
         if isinstance(entry, DictConfig) and "_target_" in entry:
-            obj = instantiate(entry)
+            obj = instantiate_checked(entry)
             if not isinstance(obj, kind):
                 raise ModelConfigError(f"config entry {name} made a {type(obj).__name__}, not a {kind.__name__}")
             objects.append(obj)

@@ -27,7 +27,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from recipe_compare import add_arguments, common_overrides, run_recipe, use_pilot_subset
+from recipe_compare import add_arguments, check_data, common_overrides, pilot_subset, run_recipe
 
 from animal_lightning.data import AnimalDataModule
 from animal_lightning.models import AnimalClassifier
@@ -83,8 +83,10 @@ def main() -> None:
                         help=f"comma-separated: probe, {', '.join(ROWS)}")
     args = parser.parse_args()
     results: dict[str, dict] = {}
+    source = check_data(args.data)
     with tempfile.TemporaryDirectory() as scratch:
-        use_pilot_subset(args, Path(scratch))
+        if args.per_class:
+            args.data = pilot_subset(source, args.per_class, Path(scratch))
         common, extra = common_overrides(args, pretrained=True)
         train_images = len(AnimalDataModule(args.data, check_images=False).index.train)
         log_dir = args.log_dir or Path(scratch)
@@ -99,7 +101,7 @@ def main() -> None:
                                                       / results[name]["wall_seconds"], 1)
             print(f"{name}: {json.dumps(results[name])}", flush=True)
 
-    report = {"benchmark": "finetune_compare", "data": str(args.source),
+    report = {"benchmark": "finetune_compare", "data": str(source),
               "per_class": args.per_class, "backbone": args.backbone,
               "image_size": args.image_size, "batch_size": args.batch_size, "epochs": args.epochs, "rows": results}
     if "report" in results and "finetune_cpu" in results:  # the target: at most 0.5 (half the mistakes)

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from animal_lightning.data.folders import scan_class_folders
+
 PROJECT = Path(__file__).resolve().parents[1]
 CALTECH = PROJECT.parent / "shared" / "data" / "caltech101"
 
@@ -69,34 +71,49 @@ def add_arguments(parser: argparse.ArgumentParser, *, backbone: str, image_size:
     parser.add_argument("--set", action="append", default=[], metavar="RECIPE:OVERRIDE",
                         help="an extra override for one recipe, e.g. default:data.augment.mixup_alpha=0.2")
     parser.add_argument("--log-dir", type=Path, default=None, help="keep the runs here (default: a temp folder)")
-    parser.add_argument("--per-class", default=None, metavar="TRAIN:TEST",
-                        help="a quick pilot: only the first TRAIN training and TEST test photos of each class "
-                             "(sorted by name), linked into a temporary copy of the data")
+    parser.add_argument("--per-class", default=None, type=photo_counts, metavar="TRAIN:TEST",
+                        help="a quick pilot: only the first TRAIN photos of each training (and val/) class and "
+                             "TEST of each test class, sorted by path, linked into a temporary copy of the data")
 
 
-def use_pilot_subset(args: argparse.Namespace, scratch: Path) -> None:
-    """With --per-class, point args.data at a linked subset of it under `scratch` (the same for every row)."""
-    args.source = args.data  # what the report names
-    if args.per_class is None:
-        return
+def photo_counts(text: str) -> tuple[int, int]:
+    """--per-class TRAIN:TEST as two positive counts (argparse turns the error into one line)."""
     try:
-        counts = dict(zip(("train", "test"), (int(n) for n in args.per_class.split(":")), strict=True))
+        counts = tuple(int(n) for n in text.split(":"))
     except ValueError:
-        raise SystemExit(f"--per-class {args.per_class}: expected TRAIN:TEST photo counts, e.g. 16:8") from None
+        counts = ()
+    if len(counts) != 2 or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected TRAIN:TEST, two positive photo counts, e.g. 16:8")
+    return counts
+
+
+def pilot_subset(data: Path, counts: tuple[int, int], scratch: Path) -> Path:
+    """A copy of `data` under `scratch` that links the first photos of each class of train/, val/ and test/.
+
+    Class folders and their images are found as the project finds them (recursively, images only); a
+    flat test/ folder with a labels CSV has no class folders to take from and is not supported.
+    """
     subset = scratch / "pilot_data"
-    for split, count in counts.items():
-        for folder in sorted(p for p in (args.data / split).iterdir() if p.is_dir()):
-            (subset / split / folder.name).mkdir(parents=True)
-            for photo in sorted(p for p in folder.iterdir() if p.is_file())[:count]:
-                (subset / split / folder.name / photo.name).symlink_to(photo.resolve())
-    args.data = subset
+    for split, count in (("train", counts[0]), ("val", counts[0]), ("test", counts[1])):
+        if not (data / split).is_dir():
+            continue
+        for photos in scan_class_folders(data / split).values():
+            for photo in sorted(photos)[:count]:
+                link = subset / split / photo.relative_to(data / split)
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(photo.resolve())
+    return subset
+
+
+def check_data(data: Path) -> Path:
+    if not (data / "train").is_dir():
+        raise SystemExit(f"no {data}/train: pass --data /path/to/dataset (train/<class>/ and test/<class>/)")
+    return data
 
 
 def common_overrides(args: argparse.Namespace, pretrained: bool) -> tuple[list[str], dict[str, list[str]]]:
     """What every recipe gets (the same data, backbone, size, batch and epochs; on the command line they win
     over an experiment's own values), and each recipe's extra overrides from --set."""
-    if not (args.data / "train").is_dir():
-        raise SystemExit(f"no {args.data}/train: pass --data /path/to/dataset (train/<class>/ and test/<class>/)")
     common = [f"data.root={args.data.resolve()}", f"model={args.backbone}",
               f"model.pretrained={str(pretrained).lower()}", f"model.image_size={args.image_size}",
               f"data.batch_size={args.batch_size}", f"trainer.max_epochs={args.epochs}"]
@@ -113,13 +130,15 @@ def main() -> None:
     parser.add_argument("--recipes", default="report,default", help=f"comma-separated, from: {', '.join(RECIPES)}")
     args = parser.parse_args()
     names = args.recipes.split(",")
+    source = check_data(args.data)
     with tempfile.TemporaryDirectory() as scratch:
-        use_pilot_subset(args, Path(scratch))
+        if args.per_class:
+            args.data = pilot_subset(source, args.per_class, Path(scratch))
         common, extra = common_overrides(args, pretrained=False)
         log_dir = args.log_dir or Path(scratch)
         results = {name: run_recipe(name, RECIPES[name] + common + extra.get(name, []), log_dir) for name in names}
 
-    report = {"benchmark": "recipe_compare", "data": str(args.source),
+    report = {"benchmark": "recipe_compare", "data": str(source),
               "per_class": args.per_class, "backbone": args.backbone,
               "image_size": args.image_size, "batch_size": args.batch_size, "epochs": args.epochs,
               "recipes": results}

@@ -87,7 +87,7 @@ def test_finetune_compare_scores_the_probe_and_train_py_rows_on_the_test_folder(
                         "--batch-size", "8", "--rows", "probe,report,finetune_cpu", "--per-class", "10:3",
                         cwd=tmp_path)
     rows = summary["rows"]
-    assert summary["data"] == str(photos) and summary["per_class"] == "10:3"
+    assert summary["data"] == str(photos) and summary["per_class"] == [10, 3]
     assert set(rows) == {"probe", "report", "finetune_cpu"} and rows["probe"]["test_images"] == 9  # 3 of 4 a class
     assert all(0 <= row["top1"] <= 1 and row["images_per_s"] > 0 for row in rows.values())
     assert rows["finetune_cpu"]["test_source"] == "test class folders" and rows["report"]["epochs"] == 1
@@ -96,18 +96,27 @@ def test_finetune_compare_scores_the_probe_and_train_py_rows_on_the_test_folder(
 
 def test_a_pilot_subset_links_the_first_photos_of_each_class(tmp_path, photos, monkeypatch):
     monkeypatch.syspath_prepend(str(PROJECT / "bench"))
-    from recipe_compare import use_pilot_subset
+    from recipe_compare import photo_counts, pilot_subset
 
     make_folder(photos, {"cat": 4, "dog": 4}, split="test")
-    args = argparse.Namespace(data=photos, per_class="5:2")
-    use_pilot_subset(args, tmp_path / "scratch")
-    assert args.source == photos and args.data != photos
+    (photos / "train" / "cat" / "Thumbs.db").write_bytes(b"not a photo")  # found as the project finds images
+    make_folder(photos / "train" / "dog", {"nested": 3})  # train/dog/train/nested/*.jpg: searched recursively
+    before = sorted(str(p) for p in photos.rglob("*"))
+    subset = pilot_subset(photos, photo_counts("5:2"), tmp_path / "scratch")
+    assert sorted(str(p) for p in photos.rglob("*")) == before  # the source is only read
     for split, count in (("train", 5), ("test", 2)):
         for name in ("cat", "dog"):
-            linked = sorted((args.data / split / name).iterdir())
-            assert [p.name for p in linked] == sorted(p.name for p in (photos / split / name).iterdir())[:count]
-            assert all(p.resolve().parent == (photos / split / name).resolve() for p in linked)
-    assert not any(photos.rglob("pilot_data"))  # the source is only read
-    args = argparse.Namespace(data=photos, per_class="16")
-    with pytest.raises(SystemExit, match=r"--per-class 16: expected TRAIN:TEST photo counts, e.g. 16:8"):
-        use_pilot_subset(args, tmp_path / "other")
+            linked = sorted(p for p in (subset / split / name).rglob("*") if p.is_file())
+            images = sorted(p for p in (photos / split / name).rglob("*.jpg"))
+            assert [p.resolve() for p in linked] == [p.resolve() for p in images[:count]]
+    assert sorted(p.name for p in (subset / "train").iterdir()) == ["cat", "dog", "fox"]
+    assert not (subset / "val").exists()  # none in the source
+
+
+@pytest.mark.parametrize("text", ["16", "0:8", "-1:8", "a:b", "1:2:3"])
+def test_bad_pilot_counts_are_one_line(text, monkeypatch):
+    monkeypatch.syspath_prepend(str(PROJECT / "bench"))
+    from recipe_compare import photo_counts
+
+    with pytest.raises(argparse.ArgumentTypeError, match=r"expected TRAIN:TEST, two positive photo counts, e.g. 16:8"):
+        photo_counts(text)

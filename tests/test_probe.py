@@ -81,7 +81,7 @@ def test_a_resumed_run_keeps_its_trained_head(copy_synthetic, tmp_path, monkeypa
     monkeypatch.setenv("ANIMAL_LIGHTNING_CACHE", str(tmp_path / "cache"))
     root = copy_synthetic()
     model, _ = fit_one_frozen_epoch(root, "probe")
-    head = model.net.get_submodule(model.head_names[0])
+    head = model.class_head
     with torch.no_grad():
         head.weight.add_(1.0)  # stands in for a head that trained on
     trained = head.weight.clone()
@@ -121,12 +121,13 @@ def test_a_probe_head_without_the_projects_datamodule_is_one_line(tmp_path):
     assert trainer.global_step == 0 and all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
-def test_probe_features_are_what_the_head_receives():
-    model = AnimalClassifier(["a", "b"], backbone="resnet18", pretrained=False, image_size=32).eval()
+def test_probe_features_are_what_the_head_receives_in_eval_mode():
+    model = AnimalClassifier(["a", "b"], backbone="resnet18", pretrained=False, image_size=32)
+    assert model.training  # as in on_fit_start: BatchNorm would use (and update) batch statistics
     images, labels = torch.rand(6, 3, 32, 32), torch.tensor([0, 1, 0, 1, 1, 0])
     features, got = model.probe_features([(images[:4], labels[:4]), (images[4:], labels[4:])])
-    head = model.net.get_submodule(model.head_names[0])
-    assert features.shape == (6, head.in_features) and torch.equal(got, labels)
+    assert model.training  # put back as it was
+    assert features.shape == (6, model.class_head.in_features) and torch.equal(got, labels)
     with torch.no_grad():
-        expected = model(images)
-    torch.testing.assert_close(head(features), expected, rtol=1e-4, atol=1e-4)
+        expected = model.eval()(images)  # running statistics, as the probe's features had
+    torch.testing.assert_close(model.class_head(features), expected, rtol=1e-4, atol=1e-4)

@@ -161,7 +161,7 @@ class AnimalClassifier(LightningModule):
         attributes = self.hparams.attributes
         if attributes:
             # The image features are the classifier head's input: the factory names the head, a hook reads it.
-            head = self.net.get_submodule(built.head_names[0])
+            head = self.class_head
             head.register_forward_hook(self._keep_features)
             self.attribute_head = nn.Linear(head.in_features, len(attributes["predicates"]))
             self.attribute_logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
@@ -200,6 +200,11 @@ class AnimalClassifier(LightningModule):
         return self.class_names + self.unseen_class_names
 
     # -- forward and loss ---------------------------------------------------------------------------
+    @property
+    def class_head(self) -> nn.Linear:
+        """The last Linear layer, which gives the class logits (named by the backbone factory)."""
+        return self.net.get_submodule(self.head_names[0])
+
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         return images.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else images
 
@@ -393,8 +398,8 @@ class AnimalClassifier(LightningModule):
         if autocast is None:
             autocast = self.trainer.precision_plugin.forward_context if self._trainer is not None \
                 else contextlib.nullcontext
-        return probe.head_inputs(self.net, self.net.get_submodule(self.head_names[0]), batches, device=self.device,
-                                 prepare=self._prepare, autocast=autocast)
+        return probe.head_inputs(self.net, self.class_head, batches, device=self.device, prepare=self._prepare,
+                                 autocast=autocast)
 
     def _fit_probe_head(self) -> None:
         """LP-FT: the new head becomes a linear probe of the (pretrained) features before any step."""
@@ -407,7 +412,7 @@ class AnimalClassifier(LightningModule):
         val = self.probe_features(datamodule.probe_dataloader("val"))
         weight, bias, info = probe.fit_linear_probe(train, val, len(self.class_names),
                                                     label_smoothing=self.hparams.label_smoothing)
-        fitted = {self.net.get_submodule(self.head_names[0]): (weight, bias)}
+        fitted = {self.class_head: (weight, bias)}
         if self.hparams.attributes:  # the attribute head too starts from what the features already tell
             attributes = self.attribute_targets[train[1]].cpu()
             fitted[self.attribute_head] = probe.fit_attribute_probe(train[0], attributes, info["l2"])
