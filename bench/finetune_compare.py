@@ -3,9 +3,10 @@
 Every row starts from the same packaged EfficientNet-Lite0 ImageNet weights (model=efficientnet_lite0,
 pretrained, no internet needed) at the same image size, batch size and number of epochs, and is
 scored on the held-out test folder:
-- `probe`: the floor. The frozen network's features of the training images (evaluation transform),
-  an L2-regularised logistic regression (animal_lightning/models/probe.py, penalty chosen on the
-  validation split), scored on the test images. No training loop.
+- `probe`: the floor. The frozen network's features of the training images (evaluation transform,
+  the whole photo squashed to a square as finetune_cpu and the report resize), an L2-regularised
+  logistic regression (animal_lightning/models/probe.py, penalty chosen on the validation split),
+  scored on the test images. No training loop. `probe_crop`: the same on centre crops.
 - `report`: the report's recipe (`experiment=seed_report`: squash resize, no augmentation, AdamW
   1e-3 constant on every layer, no label smoothing), as `python train.py` runs it.
 - `finetune_cpu`: the project's recommendation for a CPU, and ablations that change one part of it.
@@ -50,14 +51,16 @@ ROWS = {
     "finetune_cpu_no_smoothing": ["experiment=finetune_cpu", "model.label_smoothing=0"],
     "finetune_cpu_lr1e-3": ["experiment=finetune_cpu", "optimizer.lr=1e-3"],
     "finetune_cpu_fixres": ["experiment=finetune_cpu", "data.augment.train_crop_ratio=0.875"],
-    "finetune_cpu_squash": ["experiment=finetune_cpu", "data.resize_mode=squash"],
+    "finetune_cpu_crop": ["experiment=finetune_cpu", "data.resize_mode=crop"],
 }
+# linear probes: their evaluation resize (the training images' too: a probe sees no augmentation)
+PROBES = {"probe": "squash", "probe_crop": "crop"}  # probe: finetune_cpu's and the report's preprocessing
 
 
-def linear_probe(data: Path, backbone: str, image_size: int, batch_size: int) -> dict:
+def linear_probe(data: Path, backbone: str, image_size: int, batch_size: int, resize_mode: str) -> dict:
     """Frozen features + logistic regression, through the project's own DataModule and probe code."""
     start = time.perf_counter()
-    datamodule = AnimalDataModule(data, batch_size=batch_size, num_workers="auto")
+    datamodule = AnimalDataModule(data, batch_size=batch_size, num_workers="auto", resize_mode=resize_mode)
     model = AnimalClassifier(datamodule.class_names, backbone=backbone, pretrained=True, image_size=image_size)
     datamodule.use_preprocess(model.preprocess)
     datamodule.setup("fit")
@@ -80,7 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser, backbone="efficientnet_lite0", image_size=224, epochs=3)
     parser.add_argument("--rows", default="probe,report,finetune_cpu",
-                        help=f"comma-separated: probe, {', '.join(ROWS)}")
+                        help=f"comma-separated: {', '.join(PROBES)}, {', '.join(ROWS)}")
     args = parser.parse_args()
     results: dict[str, dict] = {}
     source = check_data(args.data)
@@ -91,8 +94,9 @@ def main() -> None:
         train_images = len(AnimalDataModule(args.data, check_images=False).index.train)
         log_dir = args.log_dir or Path(scratch)
         for name in args.rows.split(","):
-            if name == "probe":
-                results[name] = linear_probe(args.data, args.backbone, args.image_size, args.batch_size)
+            if name in PROBES:
+                results[name] = linear_probe(args.data, args.backbone, args.image_size, args.batch_size,
+                                             PROBES[name])
             else:
                 results[name] = run_recipe(name, ROWS[name] + common + extra.get(name, []), log_dir)
                 # the whole command's rate: training images x epochs over its wall time (start-up, checks,
