@@ -12,7 +12,8 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def auto_precision(accelerator: str) -> str:
-    """bf16-mixed where the hardware supports bf16 (recent GPUs, AMX CPUs), else full fp32."""
+    """The Trainer's precision for `accelerator`: bf16-mixed where the hardware computes bf16 natively
+    (recent GPUs; CPUs with AMX or AVX512-BF16), 16-mixed on older GPUs, else 32-true."""
     use_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if use_gpu:
         return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"

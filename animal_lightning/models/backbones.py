@@ -78,7 +78,7 @@ class Backbone:
     net: nn.Module
     spec: PreprocessSpec
     head_names: tuple[str, ...]
-    cam_layer: str | None  # dotted path of the layer Grad-CAM explains (None: unknown, set model.cam_layer)
+    cam_layer: str | None  # dotted path of the layer Grad-CAM explains (None: no feature layer known)
 
     def head_parameters(self) -> list[nn.Parameter]:
         return [p for name in self.head_names for p in self.net.get_submodule(name).parameters()]
