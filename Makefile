@@ -1,4 +1,5 @@
-# make demo: set up and run the main job on the built-in demo data. make test: set up and run the tests.
+# make demo: set up and run the main job on the built-in demo data. make test: set up and run the fast tests;
+# make test-all: every test (what CI runs).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -6,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
-.PHONY: install demo train predict test lint format tensorboard clean distclean
+.PHONY: install demo train predict test test-all lint format tensorboard clean distclean
 
 install: $(VENV)/.installed
 
@@ -27,11 +28,15 @@ predict: install  ## make predict ARGS="ckpt_path=... input=/data/test topk=5"
 train: install  ## make train ARGS="model=vgg16 data.root=/data/animals"
 	$(BIN)/python train.py $(ARGS)
 
-test: install
+test: install  ## the fast lane: unit and short end-to-end tests (no test marked slow)
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+test-all: install  ## every test, the slow ones (real training, sweeps, DDP, kills) included
 	$(BIN)/python -m pytest -q $(ARGS)
 
-lint: install
+lint: install  ## ruff, and the import layers (pyproject.toml's import-linter contract)
 	$(BIN)/ruff check animal_lightning tests bench train.py predict.py
+	$(BIN)/lint-imports
 
 format: install
 	$(BIN)/ruff check --fix animal_lightning tests bench train.py predict.py

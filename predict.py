@@ -1,16 +1,12 @@
 """Predict images from a checkpoint: `python predict.py [ckpt_path=...] [input=...] [key=value ...]` (see README)."""
 
 import sys
-import warnings
 
 import hydra
 from omegaconf import DictConfig
 
 from animal_lightning.errors import AnimalLightningError
 from animal_lightning.prediction import predict
-
-# Lightning 2.6 calls a torch.utils._pytree API that torch 2.14 deprecates: harmless, printed every run.
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")

@@ -4,7 +4,6 @@ import logging
 import math
 import sys
 import traceback
-import warnings
 from pathlib import Path
 
 import hydra
@@ -17,8 +16,6 @@ from animal_lightning.errors import AnimalLightningError
 from animal_lightning.sweeps import ERROR_FILE
 from animal_lightning.training import train
 
-# Lightning 2.6 calls a torch.utils._pytree API that torch 2.14 deprecates: harmless, printed every run.
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 log = logging.getLogger("train")
 
 

@@ -17,13 +17,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.callbacks import WeightAveraging
 from matplotlib.figure import Figure
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 from animal_lightning import reports
 from animal_lightning.atomic import write_text_atomic
+from animal_lightning.compat import foreach_lerp_
+from animal_lightning.distributed import gather_objects
 from animal_lightning.errors import ModelConfigError
-from animal_lightning.models.classifier import gather_objects
 
 log = logging.getLogger(__name__)
 
@@ -55,29 +57,39 @@ class WarmupEMAUpdate:
         weight = 1.0 - self.rate(int(num_averaged))
         floats = [(a, c) for a, c in zip(averaged, current, strict=True) if a.is_floating_point()]
         if floats:
-            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], weight)
+            foreach_lerp_([a for a, _ in floats], [c for _, c in floats], weight)
         for a, c in zip(averaged, current, strict=True):
             if not a.is_floating_point():
                 a.copy_(c)
 
 
-class EMA(EMAWeightAveraging):
-    """Lightning's exponential moving average of the weights, with the decay warmed up.
+class EMA(WeightAveraging):
+    """An exponential moving average of the weights (Lightning's weight averaging), with the decay warmed up.
 
     After n updates the decay is min(decay, (1 + n) / (warmup + n)), as TensorFlow's EfficientNet
     training did: early on the average spans about the last tenth of the steps, and it reaches the
     full horizon of 1 / (1 - decay) steps only once the run is long enough for it. A fixed decay of
     0.999 over a 400-step fine-tune keeps 0.999^400 = 67% of the initial weights (a random head) in
-    the average that validation scores. warmup=0: the fixed decay.
+    the average that validation scores. warmup=0: the fixed decay. When to update follows Lightning's
+    EMAWeightAveraging: every `update_every_n_steps` steps from `update_starting_at_step`, or every
+    epoch from `update_starting_at_epoch`.
     """
 
-    def __init__(self, decay: float = 0.999, warmup: float = 10.0, **kwargs: Any):
-        update = WarmupEMAUpdate(decay, warmup)  # checks both settings first
-        super().__init__(decay=decay, **kwargs)
-        # EMAWeightAveraging handed AveragedModel a per-tensor avg_fn (a closure, which cannot be pickled):
-        # the multi-tensor update replaces it (the kwargs go to AveragedModel when fitting starts)
-        self._kwargs.pop("avg_fn", None)
-        self._kwargs["multi_avg_fn"] = update
+    def __init__(self, decay: float = 0.999, warmup: float = 10.0, update_every_n_steps: int = 1,
+                 update_starting_at_step: int | None = None, update_starting_at_epoch: int | None = None,
+                 device: torch.device | str | int | None = None, use_buffers: bool = True):
+        self.update = WarmupEMAUpdate(decay, warmup)  # checks both settings first; a module-level class: picklable
+        super().__init__(device=device, use_buffers=use_buffers, multi_avg_fn=self.update)
+        self.update_every_n_steps = int(update_every_n_steps)
+        self.update_starting_at_step = update_starting_at_step
+        self.update_starting_at_epoch = update_starting_at_epoch
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        if step_idx is not None and (self.update_starting_at_step is None or step_idx >= self.update_starting_at_step) \
+                and self.update_every_n_steps > 0 and step_idx % self.update_every_n_steps == 0:
+            return True
+        return epoch_idx is not None and self.update_starting_at_epoch is not None and \
+            epoch_idx >= self.update_starting_at_epoch
 
 
 def _figure_loggers(trainer: Trainer) -> list:
@@ -104,7 +116,7 @@ class EvaluationReport(Callback):
         self.worst_images = int(worst_images)
         self.top_pairs = int(top_pairs)
         self.max_plotted_classes = int(max_plotted_classes)
-        self._confusion: torch.Tensor | None = None
+        self._confusion: MulticlassConfusionMatrix | None = None  # counted while a stage runs, None otherwise
         self._worst: list[dict] = []
         self.last: dict[str, Any] = {}  # the latest report per stage: confusion, per_class, pairs (for tests)
 
@@ -120,7 +132,7 @@ class EvaluationReport(Callback):
 
     def _start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         n = len(pl_module.class_names)
-        self._confusion = torch.zeros(n, n, dtype=torch.long) if self._active(trainer, stage) else None
+        self._confusion = MulticlassConfusionMatrix(n).to(pl_module.device) if self._active(trainer, stage) else None
         self._worst = []
 
     def _collect(self, pl_module: LightningModule, outputs: Any, batch: Any) -> None:
@@ -128,14 +140,14 @@ class EvaluationReport(Callback):
             return
         # one copy to the host per batch, not a device sync per number read
         logits, targets = outputs["logits"].detach().float().cpu(), outputs["targets"].detach().cpu()
-        num_seen = self._confusion.shape[0]
+        num_seen = self._confusion.num_classes
         seen = targets < num_seen
         if not seen.any():
             return
         logits, targets, images = logits[seen], targets[seen], batch[0][seen.to(batch[0].device)]
         probabilities = F.softmax(logits, dim=1)
         confidence, predicted = probabilities.max(dim=1)
-        self._confusion += reports.confusion_matrix(targets, predicted, num_seen)
+        self._confusion.update(predicted.to(pl_module.device), targets.to(pl_module.device))
         wrong = (predicted != targets).nonzero().flatten()
         if not len(wrong) or not self.worst_images:
             return
@@ -173,8 +185,8 @@ class EvaluationReport(Callback):
     def _report(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._confusion is None:
             return
-        # Every rank takes part in the reductions; only rank zero draws and writes.
-        confusion = trainer.strategy.reduce(self._confusion.to(pl_module.device), reduce_op="sum").long().cpu()
+        # Every rank takes part in the reductions (torchmetrics sums the counts); only rank zero draws and writes.
+        confusion = self._confusion.compute().long().cpu()
         worst = sorted((item for rank in gather_objects(self._worst) for item in rank),
                        key=lambda item: -item["confidence"])[: self.worst_images]
         self._confusion, self._worst = None, []

@@ -24,6 +24,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from animal_lightning.atomic import write_bytes_atomic
+from animal_lightning.data.datasets import ImageFiles
+from animal_lightning.data.workers import worker_context
 from animal_lightning.errors import ModelConfigError
 from animal_lightning.models import AnimalClassifier
 from animal_lightning.reports import to_uint8_images
@@ -79,7 +81,6 @@ def cam_cells(model: AnimalClassifier, images: torch.Tensor, targets: torch.Tens
             attribution = cam.attribute(images.float(), target=targets.long(), relu_attributions=True)
     finally:
         hook.remove()
-        model._features = None  # the attribute head's hook kept this pass's features; not needed
         model.train(was_training)
     return attribution.detach()[:, 0].clamp(min=0).cpu()
 
@@ -130,9 +131,6 @@ def explain_images(model: AnimalClassifier, paths: Sequence[Path], image_ids: Se
     """Write `<image id>.<kind>-<class>.png` overlays into output_dir; returns one row per overlay (image_id,
     kind, class, probability, file, peak_x, peak_y: input pixel at the centre of the strongest cell, input_size).
     Ids that clean up to the same name (photo 1.jpg, photo_1.jpg) get -2, -3... so none is overwritten."""
-    from animal_lightning.data.datamodule import worker_context
-    from animal_lightning.prediction import ImageFiles
-
     output_dir.mkdir(parents=True, exist_ok=True)
     model = model.to(device).float().eval()
     used: set[str] = set()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from animal_lightning.compat import cpu_has_amx, cpu_has_avx512_bf16
+
 
 def cpu_has_fast_bf16() -> bool:
     """True where the CPU computes bf16 natively (AMX or AVX512-BF16); elsewhere bf16 autocast is slower."""
-    checks = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
-    return any(check() for check in checks if check is not None)
+    return cpu_has_amx() or cpu_has_avx512_bf16()
 
 
 def auto_precision(accelerator: str) -> str:

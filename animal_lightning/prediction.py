@@ -19,40 +19,28 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from animal_lightning import reports
 from animal_lightning.atomic import write_text_atomic
-from animal_lightning.data.datamodule import loader_workers, worker_context
+from animal_lightning.checkpoints import resolve_checkpoint
+from animal_lightning.data.datasets import ImageFiles
 from animal_lightning.data.folders import read_labels_csv
-from animal_lightning.data.images import is_image_name, list_images, load_rgb
-from animal_lightning.data.transforms import PreprocessSpec, eval_transform
+from animal_lightning.data.images import is_image_name, list_images
+from animal_lightning.data.workers import loader_workers, worker_context
+from animal_lightning.distributed import gather_objects
 from animal_lightning.errors import CheckpointError, DataError
+from animal_lightning.explain import CamRequest, explain_images
+from animal_lightning.export import export_model
 from animal_lightning.hardware import auto_precision
 from animal_lightning.models import AnimalClassifier, openset
-from animal_lightning.models.classifier import gather_objects
+from animal_lightning.models.metrics import eval_metrics
+from animal_lightning.quiet import quiet_lightning
 from animal_lightning.reports import rows_csv
 
 log = logging.getLogger(__name__)
 
 LIST_SUFFIXES = {".txt", ".lst"}
-
-
-# -- which checkpoint ---------------------------------------------------------------------------------
-def resolve_checkpoint(ckpt_path: str | None, log_dir: str | os.PathLike) -> Path:
-    """`best`, `last` or None: that file of the newest training run under log_dir; else the path given."""
-    if ckpt_path in (None, "", "best", "last"):
-        name = f"{ckpt_path or 'best'}.ckpt"
-        train_logs = Path(log_dir) / "train"
-        found = list(train_logs.glob(f"runs/*/checkpoints/{name}")) + \
-            list(train_logs.glob(f"multiruns/*/*/checkpoints/{name}"))
-        if not found:
-            raise CheckpointError(f"no {name} under {train_logs}: train first (python train.py) or pass "
-                                  "ckpt_path=/path/to/checkpoint.ckpt")
-        return max(found, key=lambda p: p.stat().st_mtime).resolve()
-    path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found: pass ckpt_path=best, last or /path/to/checkpoint.ckpt")
-    return path
 
 
 # -- which images -------------------------------------------------------------------------------------
@@ -123,25 +111,6 @@ def _scan_folder(folder: Path, class_names: set[str], recursive: bool):
     return paths, [p.name for p in paths], [None] * len(paths), f"folder {folder}"
 
 
-class ImageFiles(Dataset):
-    """Decoded, preprocessed images; an undecodable file yields zeros and its reason (the row gets the error)."""
-
-    def __init__(self, paths: Sequence[Path], spec: PreprocessSpec):
-        self.paths = [str(p) for p in paths]
-        self.transform = eval_transform(spec)
-        self.blank_shape = (3, spec.input_size, spec.input_size)  # what the transform returns
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        try:
-            return self.transform(load_rgb(self.paths[index])), ""
-        except Exception as error:
-            reason = f"{type(error).__name__}: {error}".strip().replace("\n", " ")
-            return torch.zeros(self.blank_shape), reason
-
-
 # -- running the model ----------------------------------------------------------------------------------
 class _Collect(BasePredictionWriter):
     """Keeps each batch's outputs, decoding errors (which Trainer.predict would drop) and dataset indices.
@@ -174,6 +143,19 @@ class _Collect(BasePredictionWriter):
         self.parts = []
 
 
+class _Predictor(L.LightningModule):
+    """What Trainer.predict runs: the classifier's outputs() for each batch, with this run's test-time
+    augmentation (the classifier itself carries no prediction setting)."""
+
+    def __init__(self, model: AnimalClassifier, tta: str | None):
+        super().__init__()
+        self.model = model
+        self.tta = tta
+
+    def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self.model.outputs(batch[0], tta=self.tta)
+
+
 def predict_probabilities(model: AnimalClassifier, paths: Sequence[Path], **kwargs) -> tuple[torch.Tensor, list[str]]:
     """(N x classes probabilities in fp32, N error strings, empty when fine) in the order of `paths`."""
     outputs, errors = predict_outputs(model, paths, **kwargs)
@@ -184,7 +166,7 @@ def predict_outputs(model: AnimalClassifier, paths: Sequence[Path], *, batch_siz
                     num_workers: int | str = "auto", accelerator: str = "auto", precision: str = "auto",
                     tta: str | None = None, progress: bool = True, devices: int | str = 1,
                     num_nodes: int = 1) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """What predict_step returns for every image, concatenated in the order of `paths`: probabilities
+    """model.outputs() for every image, concatenated in the order of `paths`: probabilities
     (N x classes), open-set scores (N x 3) and, with attributes, compat (N x seen+unseen); and the errors.
 
     devices > 1 (or num_nodes > 1) predicts with DDP: Lightning starts the other processes by running the
@@ -197,8 +179,8 @@ def predict_outputs(model: AnimalClassifier, paths: Sequence[Path], *, batch_siz
     loader = DataLoader(ImageFiles(paths, model.preprocess), batch_size=batch_size,
                         num_workers=workers, pin_memory=torch.cuda.is_available(),
                         multiprocessing_context=worker_context(workers))
-    model.predict_tta = tta
     collect = _Collect(len(paths))
+    quiet_lightning()
     distributed = devices not in (1, "1") or int(num_nodes) > 1
     trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=int(num_nodes),
                         strategy="ddp" if distributed else "auto", logger=False, enable_checkpointing=False,
@@ -208,7 +190,7 @@ def predict_outputs(model: AnimalClassifier, paths: Sequence[Path], *, batch_siz
     if distributed and len(paths) < processes:  # a process without images would wait for the others forever
         raise DataError(f"{len(paths)} images cannot be shared by {processes} processes: predict them with "
                         "devices=1")
-    trainer.predict(model, dataloaders=loader, return_predictions=False)
+    trainer.predict(_Predictor(model, tta), dataloaders=loader, return_predictions=False)
     return collect.outputs, collect.errors
 
 
@@ -239,7 +221,7 @@ def decide(model: AnimalClassifier, outputs: dict[str, torch.Tensor], *, score: 
     if score not in openset.SCORES:
         raise DataError(f"open_set_score={score!r} is not one of: {', '.join(openset.SCORES)}")
     if not 0.0 < keep < 1.0:
-        raise DataError(f"keep_known={keep} must be between 0 and 1 (e.g. 0.95)")
+        raise DataError(f"open_set_keep={keep} must be between 0 and 1 (e.g. 0.95)")
     probabilities = outputs["probabilities"]
     known = outputs["scores"][:, openset.SCORES.index(score)]
     calibration = model.calibration
@@ -295,29 +277,27 @@ def prediction_rows(inputs: Inputs, class_names: Sequence[str], probabilities: t
 
 
 def score(inputs: Inputs, class_names: Sequence[str], probabilities: torch.Tensor, errors: Sequence[str]) -> dict:
-    """Accuracy, top-5, macro accuracy and a per-class table over images with a known label that decoded."""
+    """Accuracy, top-5, macro accuracy, macro F1 and a per-class table over images with a known label that
+    decoded: the test phase's metrics (eval_metrics) and its confusion matrix, on these images."""
     index = {name: i for i, name in enumerate(class_names)}
     keep = [n for n, label in enumerate(inputs.labels) if label in index and not errors[n]]
-    targets = torch.tensor([index[inputs.labels[n]] for n in keep], dtype=torch.long)
-    probs = probabilities[keep] if keep else torch.zeros(0, len(class_names))
-    predicted = probs.argmax(1) if keep else torch.zeros(0, dtype=torch.long)
-    k = min(5, len(class_names))
-    in_top5 = (probs.topk(k, 1).indices == targets[:, None]).any(1) if keep else torch.zeros(0, dtype=torch.bool)
-    per_class = []
-    for c, name in enumerate(class_names):
-        support = int((targets == c).sum())
-        correct = int(((predicted == c) & (targets == c)).sum())
-        chosen = int((predicted == c).sum())
-        if support or chosen:
-            per_class.append({"class": name, "support": support, "correct": correct,
-                              "accuracy": round(correct / support, 6) if support else None,
-                              "precision": round(correct / chosen, 6) if chosen else None})
-    recalls = [row["accuracy"] for row in per_class if row["support"]]
+    values: dict[str, float | None] = {"acc": None, "acc_top5": None, "acc_macro": None, "f1_macro": None}
+    confusion = torch.zeros(len(class_names), len(class_names), dtype=torch.long)
+    if keep:
+        targets = torch.tensor([index[inputs.labels[n]] for n in keep], dtype=torch.long)
+        metrics = eval_metrics(len(class_names), prefix="")
+        metrics.update(probabilities[keep], targets)
+        values = {name: float(value) for name, value in metrics.compute().items()}
+        confusion = reports.confusion_matrix(targets, probabilities[keep].argmax(1), len(class_names))
+    per_class = [{"class": row["class"], "support": row["support"], "correct": row["correct"],
+                  "accuracy": row["recall"], "precision": row["precision"]}
+                 for row in reports.per_class_table(confusion, class_names) if row["support"] or row["predicted"]]
     return {
         "images_scored": len(keep),
-        "accuracy": float((predicted == targets).float().mean()) if keep else None,
-        "top5_accuracy": float(in_top5.float().mean()) if keep else None,
-        "macro_accuracy": sum(recalls) / len(recalls) if recalls else None,
+        "accuracy": values["acc"],
+        "top5_accuracy": values["acc_top5"],
+        "macro_accuracy": values["acc_macro"],
+        "f1_macro": values["f1_macro"],
         "unknown_labels": dict(sorted(inputs.unknown_labels.items())),
         "unlabelled": sum(1 for label in inputs.labels if label is None),
         "unreadable": sum(1 for e in errors if e),
@@ -370,8 +350,6 @@ def predict(cfg) -> dict:
     say(f"Checkpoint: {checkpoint}")
     model, meta = AnimalClassifier.from_checkpoint(checkpoint)
     if cfg.get("export"):
-        from animal_lightning.export import export_model
-
         written = export_model(model, checkpoint, str(cfg.export))
         print("Exported: " + ", ".join(str(p) for p in written), flush=True)
         return {"exported": [str(p) for p in written]}
@@ -392,7 +370,7 @@ def predict(cfg) -> dict:
     if rank_zero_only.rank != 0:  # DDP: every process has all the results; the first one writes them
         return {"images": len(inputs.paths), "rank": rank_zero_only.rank}
     probabilities = outputs["probabilities"]
-    decisions = decide(model, outputs, score=cfg.get("open_set_score"), keep=cfg.get("keep_known"),
+    decisions = decide(model, outputs, score=cfg.get("open_set_score"), keep=cfg.get("open_set_keep"),
                        penalty=cfg.get("seen_penalty"))
     rows = prediction_rows(inputs, model.class_names, probabilities, errors, topk=int(cfg.get("topk") or 0),
                            decisions=decisions)
@@ -431,8 +409,6 @@ def write_gradcam(cfg, model: AnimalClassifier, inputs: Inputs, probabilities: t
     """gradcam=true: an overlay per readable image for its predicted class, and with gradcam_true=true also
     for its true class where labelled and different; index.csv lists them. Grad-CAM explains the classifier
     head, so an image answered with an unseen (zero-shot) class gets its best seen class, kind `top-seen`."""
-    from animal_lightning.explain import CamRequest, explain_images
-
     index = {name: i for i, name in enumerate(model.class_names)}
     requests = []
     for n, label in enumerate(inputs.labels):

@@ -30,6 +30,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from animal_lightning.checkpoints import checkpoint_path
 from animal_lightning.errors import ModelConfigError
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class PreemptionCheckpoint(Callback):
 
     # -- the handler: only note the signal; the work happens between batches ---------------------------
     def _note(self, signum: int, frame: Any) -> None:
-        if os.getpid() != self._pid:  # a forked DataLoader worker that did not run worker_init (see below)
+        if os.getpid() != self._pid:  # a forked DataLoader worker that did not run data.workers.worker_init
             signal.signal(signum, signal.SIG_DFL)
             return
         if self.received is None:
@@ -177,40 +178,6 @@ class PreemptionCheckpoint(Callback):
         else:
             log.warning("scontrol requeue %s failed (%s): resubmit the job yourself", job,
                         (result.stderr or result.stdout).strip())
-
-
-def _defer_once(signum: int, frame: Any) -> None:
-    signal.signal(signum, signal.SIG_DFL)
-
-
-def worker_init(worker_id: int) -> None:
-    """DataLoader worker start-up: survive the first stop signal, and seed as Lightning would.
-
-    Clusters signal every process of a job, loader workers included. torch's workers die on a SIGTERM
-    that does not come from their parent, and the training process would then fail mid-step before it
-    could save. Here a worker lets the first SIGTERM/SIGUSR1/SIGUSR2 pass (a second one ends it as
-    usual) and keeps serving batches until training has saved and shuts it down. Lightning adds its own
-    seeding worker_init_fn only where there is none, so this one calls it (seed_everything(workers=True)).
-    """
-    for signum in (signal.SIGTERM, *(getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2") if
-                                      hasattr(signal, name))):
-        signal.signal(signum, _defer_once)
-    if int(os.environ.get("PL_SEED_WORKERS", 0)):
-        from lightning.fabric.utilities.seed import pl_worker_init_function
-
-        pl_worker_init_function(worker_id)
-
-
-def last_checkpoint_in(folder: str | Path) -> Path:
-    """ModelCheckpoint's last.ckpt in `folder`."""
-    return Path(folder) / (ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION)
-
-
-def checkpoint_path(trainer: Trainer) -> Path:
-    """Where the run's ModelCheckpoint keeps last.ckpt (the file train.py resumes from)."""
-    callback = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.dirpath), None)
-    return last_checkpoint_in(callback.dirpath if callback is not None else Path(trainer.default_root_dir) /
-                              "checkpoints")
 
 
 def slurm_job_id() -> str | None:

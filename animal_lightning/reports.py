@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from animal_lightning.atomic import write_bytes_atomic
 from animal_lightning.data.transforms import PreprocessSpec
@@ -25,12 +26,11 @@ MAX_PLOTTED_CLASSES = 50
 
 
 def confusion_matrix(targets: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """num_classes x num_classes counts: row = true class, column = predicted class."""
+    """num_classes x num_classes counts: row = true class, column = predicted class (torchmetrics')."""
     targets, predicted = targets.long().flatten().cpu(), predicted.long().flatten().cpu()
     if len(targets) != len(predicted):
         raise ValueError(f"{len(targets)} targets but {len(predicted)} predictions")
-    flat = torch.bincount(targets * num_classes + predicted, minlength=num_classes * num_classes)
-    return flat.reshape(num_classes, num_classes)
+    return multiclass_confusion_matrix(predicted, targets, num_classes).long()
 
 
 def per_class_table(confusion: torch.Tensor, class_names: Sequence[str]) -> list[dict]:

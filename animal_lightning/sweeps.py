@@ -23,6 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from animal_lightning.atomic import write_text_atomic
+from animal_lightning.compat import job_return_value
 from animal_lightning.reports import rows_csv
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,11 @@ class SweepSummary(Callback):
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         output_dir = Path(config.hydra.runtime.output_dir)
         status, error = "completed", None
+        returned = job_return_value(job_return)
         if job_return.status == JobStatus.FAILED:
-            reason = f"{type(job_return._return_value).__name__}: {job_return._return_value}"
+            reason = f"{type(returned).__name__}: {returned}"
             status, error = "failed", (reason.splitlines() or [""])[0][:500]
-        elif not _finite(job_return._return_value):
+        elif not _finite(returned):
             status = "failed"  # train.py returns None for a job that raised or ended without a finite score
             error_file = output_dir / ERROR_FILE
             error = error_file.read_text().strip() if error_file.is_file() else "no finite val/acc_best"

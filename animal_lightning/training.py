@@ -22,18 +22,23 @@ from hydra.utils import instantiate
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
-from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from animal_lightning.atomic import AtomicCheckpointIO, write_text_atomic
+from animal_lightning.checkpoints import (
+    check_resumable,
+    last_checkpoint,
+    last_checkpoint_in,
+    read_checkpoint,
+    resolve_checkpoint,
+)
 from animal_lightning.data import AnimalDataModule
 from animal_lightning.errors import AnimalLightningError, ModelConfigError
 from animal_lightning.hardware import auto_precision
 from animal_lightning.models import AnimalClassifier
-from animal_lightning.models.classifier import check_resumable
-from animal_lightning.preemption import Preempted, last_checkpoint_in
+from animal_lightning.preemption import Preempted
+from animal_lightning.quiet import quiet_lightning
 
 log = logging.getLogger(__name__)
 
@@ -73,29 +78,55 @@ def _plain(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logger]) -> L.Trainer:
+    """The Trainer of cfg.trainer, built once: precision and DDP strategy settled from the config first."""
+    quiet_lightning()
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_cfg.get("precision") == "auto":
         trainer_cfg["precision"] = auto_precision(str(trainer_cfg.get("accelerator", "auto")))
     freezes = int(cfg.model.get("freeze_backbone_epochs") or 0) > 0
-    objects = {"callbacks": callbacks, "logger": loggers or False}
-    trainer = _atomic_checkpoints(instantiate(trainer_cfg, **objects))
-    if not isinstance(trainer.strategy, DDPStrategy):
-        return trainer
-    # DDP, chosen by name or by devices: auto on a multi-GPU machine. Lightning's ddp launcher starts the
-    # other ranks by re-running the command line: under -m that is the whole sweep again, in every child,
-    # so a sweep job starts them itself (ddp_spawn). A frozen backbone leaves parameters without gradients,
-    # which DDP must be told to expect.
-    respawn = _in_multirun() and not _cluster_starts_ranks() and \
-        isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher)
-    if not respawn and not freezes:
-        return trainer
-    strategy = "ddp_spawn" if respawn or trainer.strategy.launcher is None or \
-        getattr(trainer.strategy, "_start_method", "popen") == "spawn" else "ddp"
-    if freezes:
-        strategy += "_find_unused_parameters_true"
-    if respawn:
-        log.info("multirun: DDP starts its processes with %s (ddp would re-run the sweep in each rank)", strategy)
-    return _atomic_checkpoints(instantiate({**trainer_cfg, "strategy": strategy}, **objects))
+    trainer_cfg["strategy"] = ddp_strategy(trainer_cfg, freezes)
+    return _atomic_checkpoints(instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False))
+
+
+FIND_UNUSED = ("_find_unused_parameters_true", "_find_unused_parameters_false")  # strategy name suffixes
+
+
+def ddp_strategy(trainer_cfg: dict, freezes: bool):
+    """trainer.strategy, adjusted where DDP needs it (a strategy object from the config stays as it is).
+
+    DDP is chosen by name (ddp...) or, with strategy auto, by more than one process (devices x num_nodes), as
+    Lightning would. Lightning's ddp starts the other ranks by re-running the command line: under -m that is
+    the whole sweep again, in every child, so a sweep job starts them itself (ddp_spawn), unless a cluster
+    (SLURM, torchrun) already started one process per rank. A frozen backbone leaves parameters without
+    gradients, which DDP must be told to expect (find_unused_parameters)."""
+    strategy = trainer_cfg.get("strategy", "auto")
+    if not isinstance(strategy, str):
+        return strategy
+    if strategy == "auto" and _processes(trainer_cfg) > 1:
+        strategy = "ddp"
+    if not strategy.startswith("ddp"):
+        return strategy
+    suffix = next((suffix for suffix in FIND_UNUSED if strategy.endswith(suffix)), "")
+    base = strategy[: len(strategy) - len(suffix)]
+    if base == "ddp" and _in_multirun() and not _cluster_starts_ranks():
+        base = "ddp_spawn"
+        log.info("multirun: DDP starts its processes with %s (ddp would re-run the sweep in each rank)", base)
+    return base + (FIND_UNUSED[0] if freezes else suffix)
+
+
+def _processes(trainer_cfg: dict) -> int:
+    """How many processes the Trainer config asks for (devices x num_nodes), resolved as Lightning does."""
+    accelerator, devices = str(trainer_cfg.get("accelerator", "auto")), trainer_cfg.get("devices", "auto")
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if devices in ("auto", -1, "-1"):
+        count = torch.cuda.device_count() if gpu else 1
+    elif isinstance(devices, (list, tuple)):
+        count = len(devices)
+    elif isinstance(devices, str) and "," in devices:
+        count = len([part for part in devices.split(",") if part.strip()])
+    else:
+        count = int(devices)
+    return max(1, count) * int(trainer_cfg.get("num_nodes", 1) or 1)
 
 
 def _atomic_checkpoints(trainer: L.Trainer) -> L.Trainer:
@@ -123,7 +154,8 @@ def build_model(cfg: DictConfig, datamodule: AnimalDataModule) -> AnimalClassifi
     optimizer = instantiate(cfg.optimizer)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     return instantiate_checked(cfg.model, class_names=datamodule.class_names, class_weights=datamodule.loss_weights(),
-                               attributes=datamodule.attribute_hparams(), optimizer=optimizer, scheduler=scheduler)
+                               attributes=datamodule.attribute_hparams(), resize_mode=datamodule.resize_mode,
+                               optimizer=optimizer, scheduler=scheduler)
 
 
 def resume_in_run_folder(cfg: DictConfig) -> None:
@@ -144,8 +176,6 @@ def resume_in_run_folder(cfg: DictConfig) -> None:
             cfg.ckpt_path = str(last)
         return
     if ckpt == "last":
-        from animal_lightning.prediction import resolve_checkpoint
-
         cfg.ckpt_path = ckpt = str(resolve_checkpoint("last", cfg.paths.log_dir))
         print(f"Resuming from {ckpt} (the newest run's last checkpoint)", flush=True)
     ckpt = Path(ckpt).expanduser()
@@ -184,9 +214,8 @@ def tune(options: DictConfig, trainer: L.Trainer, model: AnimalClassifier, datam
         for logger in trainer.loggers:
             if hasattr(logger.experiment, "add_figure"):
                 logger.experiment.add_figure("tune/lr_find", figure)
-        factory = model.optimizer_factory
-        model.optimizer_factory = functools.partial(factory.func, *factory.args, **{**factory.keywords,
-                                                                                   "lr": float(suggestion)})
+        # the optimizer config with lr replaced (a call's keywords override a partial's own)
+        model.optimizer_factory = functools.partial(model.optimizer_factory, lr=float(suggestion))
         print(f"Learning-rate finder: training with optimizer.lr={suggestion:.3g} (plot: {output_dir / 'lr_find.png'})",
               flush=True)
 
@@ -202,17 +231,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = build_model(cfg, datamodule)  # reading class_names scans and checks the data once, here
     if cfg.get("ckpt_path"):
         check_resumable(cfg.ckpt_path, model)  # safe to load, and the same classes and backbone
-    datamodule.use_preprocess(model.preprocess)
-    model.preprocess = datamodule.preprocess  # with data.resize_mode: prediction evaluates images the same way
+    datamodule.use_preprocess(model.preprocess)  # the model's spec (with data.resize_mode): one computation
     callbacks = instantiate_group(cfg.get("callbacks"), Callback)
     loggers = instantiate_group(cfg.get("logger"), Logger)
     trainer = build_trainer(cfg, callbacks, loggers)
     hyperparameters = OmegaConf.to_container(cfg, resolve=True)
-    for logger in loggers:
-        if isinstance(logger, TensorBoardLogger):  # the HParams view: this run's settings against its results
-            logger.log_hyperparams(hyperparameters, metrics={name: 0.0 for name in HPARAMS_METRICS.values()})
-        else:
-            logger.log_hyperparams(hyperparameters)
+    for logger in loggers:  # TensorBoard's HParams entry is written at the end, with the results it shows
+        logger.log_hyperparams(hyperparameters)
     log.info("precision %s, %d classes, preprocessing %s", trainer.precision, len(model.class_names),
              model.preprocess)
 
@@ -237,14 +262,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     final = {tag: results[name] for name, tag in HPARAMS_METRICS.items() if results.get(name) is not None}
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger) and final:
-            logger.log_metrics(final, step=max(1, trainer.global_step))  # after the 0.0 placeholders at step 0
+            # the HParams view: this run's settings against its final results, one point each (no placeholder
+            # 0 at the start, which would draw a line from 0 to the result)
+            logger.log_hyperparams(hyperparameters, metrics=final, step=max(1, trainer.global_step))
             logger.experiment.flush()  # trainer.test has closed the logger already
     summary = {
         "val": val_metrics,
         "test": test_metrics,
         "test_source": datamodule.index.test_source,
         "best_checkpoint": best,
-        "last_checkpoint": _last_checkpoint(checkpoint),
+        "last_checkpoint": last_checkpoint(checkpoint),
         "epochs_completed": _epochs_completed(trainer, checkpoint),
         "class_names": model.class_names,
         "unusable_images": dict(sorted(datamodule.index.bad_images.items())),  # left out, with the reason
@@ -264,32 +291,20 @@ def _sigterm_exits_143(trainer: L.Trainer):
     try:
         yield
     except SIGTERMException:
-        last = _last_checkpoint(trainer.checkpoint_callback)
+        last = last_checkpoint(trainer.checkpoint_callback)
         stopped = Preempted(signal.SIGTERM, Path(last) if last else None, saved=False)
         print(f"Preempted: {stopped}", flush=True)
         raise stopped from None
 
 
-def _last_checkpoint(checkpoint) -> str | None:
-    """last.ckpt's path; after ddp_spawn only the best path comes back from the ranks, so look in its folder."""
-    if checkpoint is None:
-        return None
-    if checkpoint.last_model_path:
-        return checkpoint.last_model_path
-    if checkpoint.save_last and checkpoint.dirpath:
-        path = last_checkpoint_in(checkpoint.dirpath)
-        return str(path) if path.is_file() else None
-    return None
-
-
 def _epochs_completed(trainer: L.Trainer, checkpoint) -> int:
     """The trainer's count; after ddp_spawn (whose ranks trained in child processes, leaving this process's
     loop at 0) the last checkpoint's epoch."""
-    last = _last_checkpoint(checkpoint)
+    last = last_checkpoint(checkpoint)
     if trainer.current_epoch or last is None:
         return trainer.current_epoch
     # mmap: only the epoch is read, not the weights and optimizer state
-    return int(torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("epoch", -1)) + 1
+    return int(read_checkpoint(last, mmap=True)[0].get("epoch", -1)) + 1
 
 
 def report(summary: dict) -> None:

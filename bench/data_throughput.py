@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_throughput import bench_parser, build_project_parts, compose, pick_data, timed_steps  # noqa: E402
 
-from animal_lightning.data.datamodule import default_num_workers  # noqa: E402
 from animal_lightning.data.images import load_rgb  # noqa: E402
+from animal_lightning.data.workers import default_num_workers  # noqa: E402
 from animal_lightning.hardware import auto_precision  # noqa: E402
 
 

@@ -32,7 +32,7 @@ from recipe_compare import add_arguments, check_data, common_overrides, pilot_su
 
 from animal_lightning.data import AnimalDataModule
 from animal_lightning.models import AnimalClassifier
-from animal_lightning.models.classifier import MeanClassRecall
+from animal_lightning.models.metrics import MeanClassRecall
 from animal_lightning.models.probe import fit_linear_probe
 
 ROWS = {
@@ -61,7 +61,8 @@ def linear_probe(data: Path, backbone: str, image_size: int, batch_size: int, re
     """Frozen features + logistic regression, through the project's own DataModule and probe code."""
     start = time.perf_counter()
     datamodule = AnimalDataModule(data, batch_size=batch_size, num_workers="auto", resize_mode=resize_mode)
-    model = AnimalClassifier(datamodule.class_names, backbone=backbone, pretrained=True, image_size=image_size)
+    model = AnimalClassifier(datamodule.class_names, backbone=backbone, pretrained=True, image_size=image_size,
+                             resize_mode=resize_mode)
     datamodule.use_preprocess(model.preprocess)
     datamodule.setup("fit")
     extract = partial(model.probe_features, autocast=partial(torch.autocast, "cpu", torch.bfloat16))

@@ -5,7 +5,7 @@ channels_last), at its own input size unless --image-size is given, and timed on
 one process: training = forward, loss (the LightningModule's training_step), backward and an AdamW
 step under the project's default precision (bf16 autocast where the CPU has it); inference = the
 forward pass under torch.inference_mode. Warm-up steps are excluded. Prints JSON, then a Markdown
-table for the README.
+table for docs/benchmarks.md (the model zoo speed section).
 
     python bench/model_zoo.py [--models resnet18,resnet50] [--batch-size 16] [--steps 3] [--image-size 128]
 """

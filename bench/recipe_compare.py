@@ -31,14 +31,14 @@ RECIPES = {
     "report": ["experiment=seed_report"],
     "default": [],
     "default_ema": ["callbacks=ema"],
-    "no_augmentation": ["data.augment.augment=false"],
+    "no_augmentation": ["data.augment.enabled=false"],
     "fixres": ["data.augment.train_crop_ratio=0.875"],
     "squash_resize": ["data.resize_mode=squash"],
     "squash_fixres": ["data.resize_mode=squash", "data.augment.train_crop_ratio=0.875"],
-    "no_augmentation_squash": ["data.augment.augment=false", "data.resize_mode=squash"],
+    "no_augmentation_squash": ["data.augment.enabled=false", "data.resize_mode=squash"],
     "imagenet_augment": ["data.augment.crop_scale=[0.08,1.0]", "data.augment.policy=trivial_augment"],
-    "strong_augment": ["data.augment.policy=trivial_augment", "data.augment.mixup_alpha=0.2",
-                       "data.augment.cutmix_alpha=1.0"],
+    "strong_augment": ["data.augment.policy=trivial_augment", "data.mix.mixup_alpha=0.2",
+                       "data.mix.cutmix_alpha=1.0"],
     "no_label_smoothing": ["model.label_smoothing=0"],
     "constant_lr": ["scheduler=none"],
 }
@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, backbone: str, image_size:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--set", action="append", default=[], metavar="RECIPE:OVERRIDE",
-                        help="an extra override for one recipe, e.g. default:data.augment.mixup_alpha=0.2")
+                        help="an extra override for one recipe, e.g. default:data.mix.mixup_alpha=0.2")
     parser.add_argument("--log-dir", type=Path, default=None, help="keep the runs here (default: a temp folder)")
     parser.add_argument("--per-class", default=None, type=photo_counts, metavar="TRAIN:TEST",
                         help="a quick pilot: only the first TRAIN photos of each training (and val/) class and "

@@ -43,8 +43,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import models
 from torchvision import transforms as T
 
-from animal_lightning.data.datamodule import default_num_workers
 from animal_lightning.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
+from animal_lightning.data.workers import default_num_workers
 from animal_lightning.hardware import auto_precision
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "caltech101"

@@ -82,6 +82,44 @@ def test_ddp_with_a_frozen_backbone_expects_unused_parameters(compose_cfg):
     assert type(plain.strategy.launcher).__name__ == "_SubprocessScriptLauncher"
 
 
+@pytest.mark.parametrize(("trainer", "multirun", "freezes", "expected"), [
+    ({"strategy": "auto", "accelerator": "cpu", "devices": 2}, False, False, "ddp"),  # as Lightning's auto chooses
+    ({"strategy": "auto", "accelerator": "cpu", "devices": 1}, False, True, "auto"),  # one process: no DDP
+    ({"strategy": "auto", "accelerator": "cpu", "devices": 1, "num_nodes": 2}, False, False, "ddp"),
+    ({"strategy": "ddp"}, True, False, "ddp_spawn"),  # a sweep job starts its ranks itself
+    ({"strategy": "ddp"}, True, True, "ddp_spawn_find_unused_parameters_true"),
+    ({"strategy": "ddp_find_unused_parameters_false"}, False, True, "ddp_find_unused_parameters_true"),
+    ({"strategy": "ddp_spawn_find_unused_parameters_false"}, True, False, "ddp_spawn_find_unused_parameters_false"),
+    ({"strategy": "ddp_fork"}, True, False, "ddp_fork"),
+    ({"strategy": "deepspeed"}, True, True, "deepspeed"),  # not DDP: as configured
+])
+def test_the_strategy_is_settled_from_the_config(monkeypatch, trainer, multirun, freezes, expected):
+    from animal_lightning import training
+
+    monkeypatch.setattr(training, "_in_multirun", lambda: multirun)
+    assert training.ddp_strategy(trainer, freezes) == expected
+
+
+def test_the_trainer_is_built_once(compose_cfg, monkeypatch):
+    from lightning.pytorch import Trainer
+
+    from animal_lightning import training
+
+    strategies = []
+    original = Trainer.__init__
+
+    def counted(self, *args, **kwargs):
+        strategies.append(kwargs.get("strategy"))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "__init__", counted)
+    monkeypatch.setattr(training, "_in_multirun", lambda: True)
+    cfg = compose_cfg("trainer=ddp_cpu", "model.freeze_backbone_epochs=1", "logger=csv")
+    trainer = training.build_trainer(cfg, [], [])
+    assert strategies == ["ddp_spawn_find_unused_parameters_true"]
+    assert type(trainer.strategy.launcher).__name__ == "_MultiProcessingLauncher"
+
+
 def test_a_sweep_job_starts_its_ddp_ranks_itself(compose_cfg, monkeypatch):
     from animal_lightning import training
 

@@ -14,7 +14,7 @@ from torch import nn
 from animal_lightning.data import AnimalDataModule
 from animal_lightning.errors import ModelConfigError, WeightsError
 from animal_lightning.models import AnimalClassifier, available, create_backbone, preprocess_spec
-from animal_lightning.models.classifier import eval_metrics
+from animal_lightning.models.metrics import eval_metrics
 from animal_lightning.models.schedules import cyclic, onecycle, warmup_cosine
 from tests.conftest import CONF, PickleBomb, make_folder
 
@@ -28,7 +28,7 @@ def small_model(compose_cfg, name: str, *extra: str) -> AnimalClassifier:
     size = SMALL.get(name, 32)
     overrides = [f"model={name}", "model.pretrained=false", f"model.image_size={size}", *extra]
     if name == "timm":
-        overrides.append(f"model.name={TIMM_TEST_MODEL}")
+        overrides.append(f"model.backbone=timm/{TIMM_TEST_MODEL}")
     cfg = compose_cfg(*overrides)
     return instantiate(cfg.model, class_names=["a", "b", "c"], optimizer=instantiate(cfg.optimizer))
 
@@ -209,7 +209,7 @@ def test_frozen_backbone_phase_then_thaw_for_every_model(compose_cfg, name, tmp_
     make_folder(tmp_path / "ds", {"a": 1, "b": 1, "c": 1}, split="val")
     model = small_model(compose_cfg, name, "model.freeze_backbone_epochs=1", "optimizer.lr=1e-2",
                         "model.channels_last=false")
-    dm = AnimalDataModule(root, batch_size=2, num_workers=0, augment={"augment": False})
+    dm = AnimalDataModule(root, batch_size=2, num_workers=0, augment={"enabled": False})
     dm.use_preprocess(model.preprocess)
     initial = {k: v.clone() for k, v in model.net.state_dict().items()}
     heads = tuple(model.head_names)
@@ -328,7 +328,7 @@ def test_checkpoint_restores_the_imagenet_variant_of_inception(tmp_path):
 def test_zoo_configuration_errors_name_the_setting_and_the_fix(tmp_path):
     with pytest.raises(ModelConfigError, match=r"unknown timm model 'convnext_tinyy' \(did you mean convnext_tiny"):
         create_backbone("timm/convnext_tinyy", 3)
-    with pytest.raises(ModelConfigError, match=r"timm model 'resnet50.bad_tag': .*set model.name="):
+    with pytest.raises(ModelConfigError, match=r"timm model 'resnet50.bad_tag': .*set model.backbone=timm/"):
         create_backbone("timm/resnet50.bad_tag", 3)
     with pytest.raises(ModelConfigError, match="model.image_size=72 does not suit vit_b_16: use a multiple of 16"):
         preprocess_spec("vit_b_16", image_size=72)

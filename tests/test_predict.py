@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from animal_lightning.checkpoints import resolve_checkpoint
 from animal_lightning.errors import CheckpointError, DataError
 from animal_lightning.models import AnimalClassifier
-from animal_lightning.prediction import predict, resolve_checkpoint
+from animal_lightning.prediction import predict
 from tests.conftest import PROJECT, PickleBomb, compose_config, make_folder, read_rows, write_image
 
 
@@ -141,11 +142,13 @@ def test_hflip_tta_averages_the_image_and_its_mirror(trained, tmp_path):
     images = torch.randn(3, 3, 32, 32)
     with torch.inference_mode():
         expected = (torch.softmax(model(images), 1) + torch.softmax(model(images.flip(-1)), 1)) / 2
-        model.predict_tta = "hflip"
-        assert torch.allclose(model.predict_step((images, ["", "", ""]), 0)["probabilities"], expected, atol=1e-6)
-        model.predict_tta = None
-        assert not torch.allclose(model.predict_step((images, ["", "", ""]), 0)["probabilities"], expected,
-                                  atol=1e-3)
+        assert torch.allclose(model.outputs(images, tta="hflip")["probabilities"], expected, atol=1e-6)
+        plain = model.outputs(images)["probabilities"]
+        assert not torch.allclose(plain, expected, atol=1e-3)
+        # predict_step (what a plain trainer.predict(model) runs) is outputs() without augmentation
+        assert torch.equal(model.predict_step((images, ["", "", ""]), 0)["probabilities"], plain)
+    with pytest.raises(ValueError, match="tta='vflip' is not one of"):
+        model.outputs(images, tta="vflip")
 
     def probabilities(*extra: str) -> list[dict]:
         run_predict(trained, tmp_path, f"input={trained['root'] / 'test'}", "topk=4", *extra)
@@ -252,9 +255,9 @@ def test_unusable_inputs_are_clear_errors(trained, tmp_path):
 
 
 def test_prediction_resizes_images_the_way_training_evaluated_them(trained, tmp_path):
+    from animal_lightning.data.datasets import ImageFiles
     from animal_lightning.data.images import load_rgb
     from animal_lightning.data.transforms import eval_transform
-    from animal_lightning.prediction import ImageFiles
 
     model, _ = AnimalClassifier.from_checkpoint(trained["ckpt"])
     assert model.preprocess.resize_mode == "squash"  # data.resize_mode of the training run, kept in the checkpoint

@@ -153,7 +153,7 @@ def test_tuning_runs_are_left_alone():
 
 
 def test_loader_workers_let_the_first_signal_pass(monkeypatch):
-    from animal_lightning.preemption import worker_init
+    from animal_lightning.data.workers import worker_init
 
     before = signal.getsignal(signal.SIGTERM)
     monkeypatch.delenv("PL_SEED_WORKERS", raising=False)

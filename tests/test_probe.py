@@ -50,7 +50,7 @@ def test_the_attribute_probe_predicts_each_classes_attributes():
 
 def fit_one_frozen_epoch(root, head_init: str) -> tuple[AnimalClassifier, float]:
     """One epoch with the backbone frozen and a learning rate of 0: validation sees the head as initialised."""
-    datamodule = AnimalDataModule(root, batch_size=16, num_workers=0, augment={"augment": False})
+    datamodule = AnimalDataModule(root, batch_size=16, num_workers=0, augment={"enabled": False})
     model = AnimalClassifier(datamodule.class_names, backbone="efficientnet_lite0", pretrained=True, image_size=64,
                              head_init=head_init, freeze_backbone_epochs=1, channels_last=False,
                              optimizer=partial(torch.optim.AdamW, lr=0.0))

@@ -13,7 +13,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from animal_lightning.callbacks import EMA
 from animal_lightning.data import AnimalDataModule
-from animal_lightning.data.datamodule import MixCollate
+from animal_lightning.data.datasets import MixCollate
 from animal_lightning.data.transforms import PreprocessSpec, train_transform
 from animal_lightning.errors import ModelConfigError
 from animal_lightning.models import AnimalClassifier
@@ -28,12 +28,12 @@ TINY = [*FAST, "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer
     ["data.augment.policy=randaugment"],
     ["data.augment.policy=none", "data.augment.random_erasing=0.5"],
     ["data.augment.train_crop_ratio=0.75"],
-    ["data.augment.mixup_alpha=0.2"],
-    ["data.augment.mixup_alpha=0.2", "data.augment.cutmix_alpha=1.0", "data.balance=sampler"],
+    ["data.mix.mixup_alpha=0.2"],
+    ["data.mix.mixup_alpha=0.2", "data.mix.cutmix_alpha=1.0", "data.balance=sampler"],
     ["callbacks=ema"],
     ["model.backbone_lr_mult=0.1", "model.freeze_backbone_epochs=1", "trainer.gradient_clip_val=1.0"],
     ["scheduler=onecycle", "optimizer=sgd"],
-    ["data.attributes=attributes", "data.augment.mixup_alpha=0.2", "callbacks=ema"],  # attribute head, soft targets
+    ["data.attributes=attributes", "data.mix.mixup_alpha=0.2", "callbacks=ema"],  # attribute head, soft targets
     ["data.augment.policy=trivial_augment", "data.augment.crop_scale=[0.08,1.0]", "data.resize_mode=crop"],
 ])
 def test_each_knob_composes_and_trains(compose_cfg, copy_synthetic, knobs):
@@ -54,7 +54,7 @@ def test_mixed_batches_have_soft_targets_that_sum_to_one():
 
 def test_the_datamodule_mixes_only_training_batches(tmp_path):
     root = make_folder(tmp_path / "ds", {"a": 8, "b": 8})
-    dm = AnimalDataModule(root, batch_size=4, num_workers=0, augment={"mixup_alpha": 0.4})
+    dm = AnimalDataModule(root, batch_size=4, num_workers=0, mix={"mixup_alpha": 0.4})
     dm.use_preprocess(PreprocessSpec(32, 36))
     dm.setup("fit")
     _, train_targets = next(iter(dm.train_dataloader()))
@@ -115,7 +115,7 @@ def average_after(updates: int, dtype: torch.dtype = torch.float32, **ema) -> fl
     """The averaged weight after a weight of 0 (where training starts) jumps to 1 and stays there."""
     module = torch.nn.Linear(1, 1, bias=False).to(dtype)
     module.register_buffer("seen", torch.tensor(False))  # a bool buffer, as some timm models have
-    averaged = AveragedModel(module, use_buffers=True, **EMA(**ema)._kwargs)
+    averaged = AveragedModel(module, use_buffers=True, multi_avg_fn=EMA(**ema).update)
     with torch.no_grad():
         module.weight.zero_()
         averaged.update_parameters(module)  # the first update copies the start

@@ -190,7 +190,7 @@ def test_mixed_batches_are_shown_with_both_labels(compose_cfg, synthetic_root, t
 
     cfg = compose_cfg("experiment=demo", f"data.root={synthetic_root}", "data.num_classes=4",
                       "data.train_per_class=30", "data.test_per_class=8", "data.image_size=32", *FAST,
-                      "data.augment.mixup_alpha=0.4", "data.augment.cutmix_alpha=1.0", "trainer.max_epochs=1",
+                      "data.mix.mixup_alpha=0.4", "data.mix.cutmix_alpha=1.0", "trainer.max_epochs=1",
                       "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "test=false",
                       "callbacks.augmentation_samples.count=8", "logger=csv")
     train(cfg)

@@ -114,8 +114,8 @@ def test_training_asks_lightning_for_safe_loading_when_it_resumes_and_tests(comp
 
 
 def test_resuming_a_checkpoint_of_another_model_shape_names_the_first_difference(tmp_path):
+    from animal_lightning.checkpoints import check_resumable
     from animal_lightning.errors import CheckpointError
-    from animal_lightning.models.classifier import check_resumable
 
     plain = AnimalClassifier(["a", "b"], backbone="resnet18", pretrained=False, image_size=32)
     path = tmp_path / "plain.ckpt"

@@ -54,6 +54,47 @@ def test_train_py_fdr_leaves_checkpoint_events_and_metrics(tmp_path, synthetic_r
     assert checkpoint["animal_lightning"]["preprocess"]["input_size"] == 32
 
 
+NOISE = ("Tip:", "litlogger", "already configured with model summary", "was configured so 100%",
+         "is not supported by the model summary", "LeafSpec", "to estimate number of stepping batches")
+
+
+def test_a_run_prints_our_lines_and_lightnings_progress_but_no_noise(tmp_path, synthetic_root):
+    """What a user sees: no tip, advert or warning they cannot act on, a model summary with real FLOPs, and
+    TensorBoard's HParams results as one point each (no placeholder 0 drawn first)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}  # warnings shown, as for a user
+    common = [f"paths.log_dir={tmp_path / 'logs'}", f"paths.root_dir={tmp_path}"]
+    train = subprocess.run([sys.executable, str(PROJECT / "train.py"), "data=synthetic", f"data.root={synthetic_root}",
+                            "data.num_classes=4", "data.train_per_class=30", "data.test_per_class=8",
+                            "data.image_size=32", "model=resnet18", "model.pretrained=false", "model.image_size=32",
+                            "data.num_workers=0", "callbacks.progress_bar=null", "trainer.max_epochs=1", *common],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stderr[-3000:]
+    predict = subprocess.run([sys.executable, str(PROJECT / "predict.py"), "num_workers=0", "progress=false", *common],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert predict.returncode == 0, predict.stderr[-3000:]
+    for result in (train, predict):
+        shown = result.stdout + result.stderr
+        assert not [line for line in shown.splitlines() if any(noise in line for noise in NOISE)]
+    assert "Results" in train.stdout and "Scored 32 labelled images" in predict.stdout
+    summary = next(line for line in train.stdout.splitlines() if line.startswith("Total FLOPs"))
+    assert summary.split(":")[1].strip() not in ("0", "")  # the summary ran the network once to count them
+
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    run = only_run_dir(tmp_path / "logs")
+    points: dict[str, list] = {}
+    for events in (run / "tensorboard").glob("events.out.tfevents*"):
+        for event in EventFileLoader(str(events)).Load():
+            for value in event.summary.value:
+                if value.tag.startswith("hp/"):
+                    points.setdefault(value.tag, []).append(value.tensor.float_val[0] if value.tensor.float_val
+                                                            else value.simple_value)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert points["hp/val_acc_best"] == [pytest.approx(metrics["val"]["val/acc_best"], abs=1e-6)]
+    assert points["hp/test_acc"] == [pytest.approx(metrics["test"]["test/acc"], abs=1e-6)]
+    assert len(points["hp/test_acc_macro"]) == 1
+
+
 @pytest.mark.parametrize("override, message", [
     ("data.root={tmp}/missing", "error: data root {tmp}/missing does not exist"),
     ("model=resnet18", "error: class folder {tmp}/ds/train/b has no usable image"),

@@ -234,7 +234,7 @@ def test_prediction_options_change_the_decisions(zeroshot, tmp_path):
     assert images == 14 * 20
     assert unseen_named("seen_penalty=-1000")[0] == 0  # a huge bonus for seen classes: nothing unseen named
     assert unseen_named("seen_penalty=1000")[0] == images  # a huge penalty: everything unseen
-    assert unseen_named("keep_known=0.5")[1] > default_flagged
+    assert unseen_named("open_set_keep=0.5")[1] > default_flagged
     with pytest.raises(DataError, match="open_set_score='softmax' is not one of"):
         unseen_named("open_set_score=softmax")
     assert 0 < default_named < images
@@ -278,12 +278,13 @@ def small_attribute_model(**kwargs) -> AnimalClassifier:
 def test_compatibility_is_fp32_under_bf16_and_features_are_not_kept():
     model = small_attribute_model().eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model(torch.randn(2, 3, 32, 32))
-        compat = model.compatibility()
-    assert logits.dtype == torch.bfloat16 and compat.dtype == torch.float32 and compat.shape == (2, 3)
-    assert model._features is None  # read once, then dropped (no activations or graph held between batches)
-    with pytest.raises(RuntimeError, match="call the model first"):
-        model.compatibility()
+        output, features = model.run(torch.randn(2, 3, 32, 32))
+        compat = model.compatibility(model.attribute_logits(features))
+    assert output.dtype == torch.bfloat16 and compat.dtype == torch.float32 and compat.shape == (2, 3)
+    assert features.shape == (2, model.class_head.in_features)
+    # the features come back from run(); no hook stays on the network to keep them (or their graph) around
+    assert not any(module._forward_hooks for module in model.modules())
+    assert model.compatibility(model.attribute_logits(None)) is None
 
 
 def test_an_attribute_table_that_does_not_fit_the_model_is_a_one_line_error():
@@ -301,7 +302,7 @@ def test_decisions_need_a_calibration_and_a_sane_keep(zeroshot):
 
     model, _ = AnimalClassifier.from_checkpoint(zeroshot["ckpt"])
     outputs = {"probabilities": torch.full((2, 10), 0.1), "scores": torch.zeros(2, 3), "compat": torch.zeros(2, 14)}
-    with pytest.raises(DataError, match="keep_known=1.5 must be between 0 and 1"):
+    with pytest.raises(DataError, match="open_set_keep=1.5 must be between 0 and 1"):
         decide(model, outputs, keep=1.5)
     assert decide(model, outputs, penalty=0.0).penalty == 0.0
     model.calibration = None  # a checkpoint saved before any validation
@@ -311,14 +312,15 @@ def test_decisions_need_a_calibration_and_a_sane_keep(zeroshot):
 
 
 def _gather_on_rank(rank: int, store: str, out: str) -> None:
-    from types import SimpleNamespace
+    from animal_lightning.models.metrics import PerImageScores
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        holder = SimpleNamespace(_stats=[{"scores": torch.full((rank + 1, 3), float(rank))}])
-        gathered = AnimalClassifier._gathered(holder)
-        torch.save(gathered["scores"], f"{out}.{rank}")
-        assert holder._stats == []
+        scores = PerImageScores()
+        n = rank + 1  # uneven shares: rank 0 one image, rank 1 two
+        scores.update(torch.full((n, 3), float(rank)), torch.full((n,), rank), torch.full((n,), 10 + rank),
+                      torch.full((n, 4), float(rank)))
+        torch.save(scores.compute(), f"{out}.{rank}")  # torchmetrics gathers every rank's images
     finally:
         torch.distributed.destroy_process_group()
 
@@ -327,4 +329,6 @@ def test_ddp_ranks_calibrate_on_every_ranks_images(tmp_path):
     torch.multiprocessing.spawn(_gather_on_rank, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
     expected = torch.tensor([[0.0] * 3, [1.0] * 3, [1.0] * 3])  # rank 0's one image, then rank 1's two
     for rank in (0, 1):
-        assert torch.equal(torch.load(tmp_path / f"out.{rank}"), expected)
+        gathered = torch.load(tmp_path / f"out.{rank}")
+        assert torch.equal(gathered["scores"], expected) and gathered["targets"].tolist() == [10, 11, 11]
+        assert gathered["predicted"].tolist() == [0, 1, 1] and gathered["compat"].shape == (3, 4)

@@ -2,95 +2,38 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
-import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, default_collate
-from torchvision.transforms import v2
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from animal_lightning.data.attributes import AttributeTable, load_attributes
-from animal_lightning.data.folders import DatasetIndex, Sample, index_dataset
-from animal_lightning.data.images import load_rgb
+from animal_lightning.data.datasets import ImageSamples, MixCollate
+from animal_lightning.data.folders import DatasetIndex, index_dataset
 from animal_lightning.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
-from animal_lightning.data.transforms import PreprocessSpec, eval_transform, train_transform
+from animal_lightning.data.transforms import RESIZE_MODES, PreprocessSpec, eval_transform, train_transform
+from animal_lightning.data.workers import default_num_workers, worker_context, worker_init
 from animal_lightning.errors import DataError
-from animal_lightning.preemption import worker_init
 
 log = logging.getLogger(__name__)
 
 BALANCE_MODES = ("none", "sampler", "loss_weights")
 
 
-class ImageSamples(Dataset):
-    """(path, label) pairs decoded to tensors; a file that breaks after the set-up check is replaced.
-
-    The set-up check has already left out unreadable files. A file that is deleted or damaged during
-    training must still not kill an hour of work, so the next readable sample stands in and the path
-    is logged once (per worker process).
-    """
-
-    def __init__(self, samples: list[Sample], transform):
-        self.samples = samples
-        self.transform = transform
-        self._reported: set[str] = set()
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        for attempt in range(min(len(self.samples), 10)):
-            path, label = self.samples[(index + attempt) % len(self.samples)]
-            try:
-                return self.transform(load_rgb(path)), label
-            except Exception as error:  # any decoder failure: report, then use a neighbour
-                if path not in self._reported:
-                    self._reported.add(path)
-                    log.warning("unreadable image %s replaced by another sample (%s)", path, error)
-        raise DataError(f"10 consecutive unreadable images from {self.samples[index][0]}: "
-                        "check the dataset folder (was it moved or deleted?)")
-
-
-class MixCollate:
-    """Collates a batch, then mixes it with MixUp or CutMix: the targets become soft (rows sum to 1).
-
-    A module-level class (not a closure) so that DataLoader worker processes can pickle it.
-    """
-
-    def __init__(self, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0):
-        mixes = []
-        if mixup_alpha > 0:
-            mixes.append(v2.MixUp(alpha=float(mixup_alpha), num_classes=num_classes))
-        if cutmix_alpha > 0:
-            mixes.append(v2.CutMix(alpha=float(cutmix_alpha), num_classes=num_classes))
-        if not mixes:
-            raise ValueError("MixCollate needs mixup_alpha > 0 or cutmix_alpha > 0")
-        self.mix = mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
-
-    def __call__(self, batch):
-        images, labels = default_collate(batch)
-        return self.mix(images, labels)
-
-
-def worker_context(num_workers: int) -> str | None:
-    """DataLoader workers are forked on Linux, explicitly: inside a joblib (loky) launcher job the default
-    context is loky's, whose processes DataLoader cannot use. None elsewhere (the platform's default)."""
-    return "fork" if num_workers > 0 and sys.platform.startswith("linux") else None
-
-
-def default_num_workers() -> int:
-    """One core stays with the training process; on 2 cores that leaves one loader worker."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
-
-
-def loader_workers(num_workers: int | str, images: int, batch_size: int) -> int:
-    """num_workers ("auto" or a number), but no more than there are batches: no worker start-up for a few images."""
-    workers = default_num_workers() if num_workers == "auto" else int(num_workers)
-    return min(workers, images // max(1, batch_size))
+def _settings(name: str, values: dict | None, consumer) -> dict:
+    """A config block that is exactly the keyword arguments of `consumer`: a key it does not take is a
+    one-line error naming the block and what it takes, not a TypeError later (or a setting silently ignored)."""
+    values = dict(values or {})
+    accepted = [p.name for p in inspect.signature(consumer).parameters.values() if p.kind == p.KEYWORD_ONLY
+                or (p.kind == p.POSITIONAL_OR_KEYWORD and p.default is not p.empty)]
+    unknown = sorted(set(values) - set(accepted))
+    if unknown:
+        raise DataError(f"{name}.{unknown[0]} is not a setting of {name}: use {', '.join(accepted)}")
+    return values
 
 
 class AnimalDataModule(LightningDataModule):
@@ -114,7 +57,8 @@ class AnimalDataModule(LightningDataModule):
         check_images: bool = True,
         test_labels: str | None = None,
         resize_mode: str = "crop",
-        augment: dict | None = None,
+        augment: dict | None = None,  # train_transform's arguments (data.augment)
+        mix: dict | None = None,  # MixCollate's: mixup_alpha, cutmix_alpha (data.mix)
         pin_memory: bool | str = "auto",
         attributes: str | None = None,
         attribute_files: dict | None = None,
@@ -122,8 +66,8 @@ class AnimalDataModule(LightningDataModule):
         super().__init__()
         if balance not in BALANCE_MODES:
             raise DataError(f"data.balance={balance!r} is not one of: {', '.join(BALANCE_MODES)}")
-        if resize_mode not in ("crop", "squash"):
-            raise DataError(f"data.resize_mode={resize_mode!r} is not one of: crop, squash")
+        if resize_mode not in RESIZE_MODES:
+            raise DataError(f"data.resize_mode={resize_mode!r} is not one of: {', '.join(RESIZE_MODES)}")
         if int(batch_size) < 1:
             raise DataError(f"data.batch_size={batch_size} must be at least 1")
         self.root = Path(root).expanduser()
@@ -137,7 +81,8 @@ class AnimalDataModule(LightningDataModule):
         self.check_images = bool(check_images)
         self.test_labels = test_labels
         self.resize_mode = resize_mode
-        self.augment = dict(augment or {})
+        self.augment = _settings("data.augment", augment, train_transform)
+        self.mix = _settings("data.mix", mix, MixCollate)
         self.pin_memory = torch.cuda.is_available() if pin_memory == "auto" else bool(pin_memory)
         self.attributes = attributes
         self.attribute_files = dict(attribute_files or {})
@@ -216,8 +161,11 @@ class AnimalDataModule(LightningDataModule):
         return str(path.resolve()) if path.is_file() else None
 
     def use_preprocess(self, spec: PreprocessSpec) -> None:
-        """Take the backbone's spec, with this dataset's resize mode (the model then saves both)."""
-        self.preprocess = replace(spec, resize_mode=self.resize_mode)
+        """The model's preprocessing (built with this dataset's resize mode): the transforms follow it."""
+        if spec.resize_mode != self.resize_mode:
+            raise DataError(f"the model evaluates images with resize_mode={spec.resize_mode!r} and data.resize_mode is "
+                            f"{self.resize_mode!r}: build the model with resize_mode=datamodule.resize_mode")
+        self.preprocess = spec
 
     # -- Lightning hooks --------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -244,10 +192,9 @@ class AnimalDataModule(LightningDataModule):
                           worker_init_fn=worker_init if workers > 0 else None, **kwargs)
 
     def _train_collate(self):
-        alphas = {k: float(self.augment.get(k, 0.0)) for k in ("mixup_alpha", "cutmix_alpha")}
-        if not self.augment.get("augment", True) or not any(a > 0 for a in alphas.values()):
+        if not any(float(alpha) > 0 for alpha in self.mix.values()):
             return None
-        return MixCollate(len(self.index.class_names), **alphas)
+        return MixCollate(len(self.index.class_names), **self.mix)
 
     def train_dataloader(self) -> DataLoader:
         sampler = self._balanced_sampler() if self.balance == "sampler" else None

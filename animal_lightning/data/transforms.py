@@ -61,22 +61,24 @@ def eval_transform(spec: PreprocessSpec, resize_mode: str | None = None) -> v2.C
 
 
 POLICIES = ("trivial_augment", "randaugment", "none")
+RESIZE_MODES = ("crop", "squash")
 
 
-def train_transform(spec: PreprocessSpec, *, augment: bool = True, crop_scale: Sequence[float] = (0.08, 1.0),
-                    hflip: bool = True, policy: str = "trivial_augment", random_erasing: float = 0.0,
-                    train_crop_ratio: float = 1.0, **batch_level) -> v2.Compose:
-    """RandomResizedCrop + flip + an auto-augment policy + random erasing; augment=False: the eval transform.
+def train_transform(spec: PreprocessSpec, *, enabled: bool = True, crop_scale: Sequence[float] = (0.35, 1.0),
+                    hflip: bool = True, policy: str = "none", random_erasing: float = 0.0,
+                    train_crop_ratio: float = 1.0) -> v2.Compose:
+    """RandomResizedCrop + flip + an auto-augment policy + random erasing; enabled=False: the eval transform.
+    The arguments are `data.augment` (conf/data/animals.yaml), with the same defaults.
 
     train_crop_ratio < 1 trains on smaller crops than the evaluation crop (FixRes, as in torchvision's
     recipe: 176 px training crops for a 224 px evaluation): faster steps, and the apparent object size
-    at test time matches training better. `batch_level` (mixup/cutmix) is applied by the DataModule.
+    at test time matches training better. MixUp/CutMix (`data.mix`) mix whole batches: the DataModule's collate.
     """
     if policy not in POLICIES:
         raise ValueError(f"data.augment.policy={policy!r} is not one of: {', '.join(POLICIES)}")
     if not 0.0 <= random_erasing <= 1.0:
         raise ValueError(f"data.augment.random_erasing={random_erasing} must be a probability in [0, 1]")
-    if not augment:
+    if not enabled:
         return eval_transform(spec)
     interpolation = InterpolationMode(spec.interpolation)
     # never below the backbone's minimum: Inception's auxiliary head fails on crops under 299 px

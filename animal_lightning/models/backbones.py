@@ -102,7 +102,8 @@ def _timm_min_size(timm_name: str) -> int:
 def recipe_for(name: str) -> Recipe:
     if name not in RECIPES:
         raise ModelConfigError(f"unknown backbone {name!r}: choose one of {', '.join(available())} "
-                               "or timm/<name> for any timm model (e.g. model=resnet50, model=timm model.name=...)")
+                               "or timm/<name> for any timm model (e.g. model=resnet50, "
+                               "model=timm model.backbone=timm/...)")
     return RECIPES[name]
 
 
@@ -238,11 +239,12 @@ def _timm_config(timm_name: str):
     if not timm.is_model(timm_name):
         close = difflib.get_close_matches(timm_name, timm.list_models(), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else " (timm.list_models() lists them)"
-        raise ModelConfigError(f"unknown timm model {timm_name!r}{hint}: set model.name=<a timm model name>")
+        raise ModelConfigError(f"unknown timm model {timm_name!r}{hint}: set model.backbone=timm/<a timm model name>")
     try:
         config = timm.models.get_pretrained_cfg(timm_name)
     except RuntimeError as error:  # e.g. an unknown pretrained tag: name.bad_tag
-        raise ModelConfigError(f"timm model {timm_name!r}: {error}; set model.name=<a timm model name>") from None
+        raise ModelConfigError(f"timm model {timm_name!r}: {error}; "
+                               "set model.backbone=timm/<a timm model name>") from None
     if config is None:
         raise ModelConfigError(f"timm model {timm_name!r} has no pretrained config (input size, mean, std): "
                                "choose a model with one, e.g. from timm.list_models(pretrained=True)")

@@ -10,92 +10,38 @@ import contextlib
 import logging
 import math
 import os
-import pickle
-import re
 import time
-import zipfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
-from torchmetrics import MaxMetric, MeanMetric, Metric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics import MaxMetric, MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
 
-from animal_lightning.data.transforms import PreprocessSpec
+from animal_lightning.checkpoints import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_KEY,
+    RNG_KEY,
+    read_checkpoint,
+    rng_states,
+    set_rng_states,
+)
+from animal_lightning.data.transforms import RESIZE_MODES, PreprocessSpec
 from animal_lightning.errors import CheckpointError, ModelConfigError
 from animal_lightning.models import openset, probe
 from animal_lightning.models.backbones import create_backbone
+from animal_lightning.models.metrics import PerImageScores, eval_metrics
+from animal_lightning.models.optim import parameter_groups
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_KEY = "animal_lightning"  # the checkpoint entry that prediction reads
-CHECKPOINT_FORMAT = 1
 HEAD_INITS = ("random", "probe")
-RNG_KEY = "rng_states"  # the random streams at the save, for resuming exactly where training was
-
-
-class MeanClassRecall(Metric):
-    """Mean over the classes present in the targets of each class's recall (accuracy on that class).
-
-    torchmetrics' macro accuracy also averages in a 0 for a class that is predicted but absent from
-    the targets; with a test set that holds only some classes that is not what "macro accuracy" means.
-    """
-
-    full_state_update = False
-
-    def __init__(self, num_classes: int, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("correct", default=torch.zeros(num_classes), dist_reduce_fx="sum")
-        self.add_state("support", default=torch.zeros(num_classes), dist_reduce_fx="sum")
-
-    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        hits = (logits.argmax(dim=1) == targets).float()
-        self.support += torch.bincount(targets, minlength=len(self.support)).float()
-        self.correct += torch.bincount(targets, weights=hits, minlength=len(self.correct)).float()
-
-    def compute(self) -> torch.Tensor:
-        present = self.support > 0
-        return (self.correct[present] / self.support[present]).mean()
-
-
-def gather_objects(value) -> list:
-    """Every process's `value` under DDP (all_gather_object), or [value] in a single process."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        everyone: list = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(everyone, value)
-        return everyone
-    return [value]
-
-
-def eval_metrics(num_classes: int, prefix: str) -> MetricCollection:
-    """The metric names every logger, checkpoint monitor and summary relies on: <prefix>acc, ..."""
-    return MetricCollection({
-        "acc": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-        "acc_top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
-        "acc_macro": MeanClassRecall(num_classes),
-        "f1_macro": MulticlassF1Score(num_classes, average="macro"),
-    }, prefix=prefix, compute_groups=False)  # groups would let top-1 and top-5 share state when they agree
-
-
-def parameter_groups(net: nn.Module, head_ids: set[int], backbone_lr_mult: float = 1.0) -> list[dict]:
-    """Optimizer groups: backbone and head, each split so that biases and norm-layer parameters (1-D
-    tensors) get no weight decay. Backbone groups carry `lr_mult`, applied to the optimizer's LR."""
-    groups = []
-    for part in ("backbone", "head"):
-        params = [p for p in net.parameters() if (id(p) in head_ids) == (part == "head")]
-        mult = backbone_lr_mult if part == "backbone" else 1.0
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
-        if decay:
-            groups.append({"params": decay, "name": part, "lr_mult": mult})
-        if no_decay:
-            groups.append({"params": no_decay, "name": f"{part}_no_decay", "weight_decay": 0.0, "lr_mult": mult})
-    return groups
 
 
 class AnimalClassifier(LightningModule):
@@ -110,8 +56,8 @@ class AnimalClassifier(LightningModule):
         backbone_lr_mult: float = 1.0,
         head_init: str = "random",  # probe: fit the new head as a linear probe on frozen features first
         freeze_bn: bool = False,  # True: BatchNorm layers keep their running statistics all through training
-        label_smoothing: float = 0.0,
-        aux_loss_weight: float = 0.4,
+        label_smoothing: float = 0.1,
+        aux_loss_weight: float = 0.4,  # Inception v3's auxiliary classifier loss (set in conf/model/inception_v3.yaml)
         channels_last: bool = True,
         class_weights: list[float] | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
@@ -120,26 +66,20 @@ class AnimalClassifier(LightningModule):
         attribute_loss_weight: float = 1.0,
         open_set_score: str = "msp",
         open_set_keep: float = 0.95,
+        resize_mode: str = "crop",  # data.resize_mode: how evaluation fits an image to the square (crop | squash)
         load_weights: bool = True,  # False: the checkpoint being restored has the weights; fetch none
     ):
         super().__init__()
+        # Lightning saves the arguments as they are when this is called: plain data (str, numbers, lists,
+        # dicts), which a checkpoint loaded with weights_only=True reads back.
         class_names = [str(name) for name in class_names]
+        weights_path = str(weights_path) if weights_path else None
         if class_weights is not None:
             class_weights = [float(w) for w in class_weights]
             if len(class_weights) != len(class_names):
                 raise ValueError(f"{len(class_weights)} class weights for {len(class_names)} classes")
-        self.save_hyperparameters({
-            "class_names": class_names, "backbone": str(backbone), "pretrained": bool(pretrained),
-            "weights_path": str(weights_path) if weights_path else None,
-            "image_size": int(image_size) if image_size else None,
-            "freeze_backbone_epochs": int(freeze_backbone_epochs), "backbone_lr_mult": float(backbone_lr_mult),
-            "head_init": str(head_init), "freeze_bn": bool(freeze_bn),
-            "label_smoothing": float(label_smoothing),
-            "aux_loss_weight": float(aux_loss_weight), "channels_last": bool(channels_last),
-            "class_weights": class_weights, "attributes": _plain_attributes(attributes, class_names),
-            "attribute_loss_weight": float(attribute_loss_weight),
-            "open_set_score": str(open_set_score), "open_set_keep": float(open_set_keep),
-        })
+        attributes = _plain_attributes(attributes, class_names)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "load_weights"])
         if open_set_score not in openset.SCORES:  # a typo fails here, before any training
             raise ModelConfigError(f"model.open_set_score={open_set_score!r} is not one of: "
                                    f"{', '.join(openset.SCORES)}")
@@ -147,22 +87,25 @@ class AnimalClassifier(LightningModule):
             raise ModelConfigError(f"model.head_init={head_init!r} is not one of: {', '.join(HEAD_INITS)}")
         if not 0.0 < float(open_set_keep) < 1.0:
             raise ModelConfigError(f"model.open_set_keep={open_set_keep} must be between 0 and 1 (e.g. 0.95)")
+        if resize_mode not in RESIZE_MODES:
+            raise ModelConfigError(f"data.resize_mode={resize_mode!r} is not one of: {', '.join(RESIZE_MODES)}")
         built = create_backbone(backbone, len(class_names), pretrained=pretrained, weights_path=weights_path,
                                 image_size=image_size, load_weights=load_weights)
         self.net = built.net
-        self.preprocess: PreprocessSpec = built.spec
+        # the one computation of the preprocessing: the backbone's, with the data's resize mode; the DataModule
+        # and prediction read it from here, and the checkpoint records it
+        self.preprocess: PreprocessSpec = replace(built.spec, resize_mode=resize_mode)
+        # what the model summary runs once at the start of fitting: its FLOPs and in/out sizes columns
+        self.example_input_array = torch.zeros(2, 3, built.spec.input_size, built.spec.input_size)
         self._head_ids = {id(p) for p in built.head_parameters()}
         self.head_names = built.head_names  # the classifier layers, named by the backbone factory
         self.cam_layer_name = built.cam_layer  # Grad-CAM's target layer, named by the backbone factory
         self.calibration: dict | None = None  # open-set and stacking quantiles from the last validation
-        self._stats: list[dict] = []  # per-batch scores gathered over an evaluation epoch
-        self._features: torch.Tensor | None = None
         self.probe_result: dict | None = None  # what head_init=probe fitted (l2, val_acc, images, seconds)
         attributes = self.hparams.attributes
         if attributes:
-            # The image features are the classifier head's input: the factory names the head, a hook reads it.
+            # The image features are the classifier head's input (the factory names the head): see run().
             head = self.class_head
-            head.register_forward_hook(self._keep_features)
             self.attribute_head = nn.Linear(head.in_features, len(attributes["predicates"]))
             self.attribute_logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
             targets, unit = _attribute_targets(attributes["matrix"])
@@ -180,6 +123,8 @@ class AnimalClassifier(LightningModule):
         # nan_strategy="disable": a diverging run must show a NaN loss, not the mean of its finite batches
         self.eval_loss = nn.ModuleDict({"val": MeanMetric(nan_strategy="disable"),
                                         "test": MeanMetric(nan_strategy="disable")})
+        # every image's open-set (and zero-shot) scores over an evaluation epoch: calibration and open-set report
+        self.image_scores = nn.ModuleDict({"val": PerImageScores(), "test": PerImageScores()})
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # saved in checkpoints, so a resumed run remembers its best
         if self.hparams.channels_last:
@@ -210,31 +155,32 @@ class AnimalClassifier(LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits; an auxiliary head's output (Inception in training) is not part of the answer."""
-        output = self.net(self._prepare(images))
-        return output.logits if hasattr(output, "logits") else output
+        return _logits(self.net(self._prepare(images)))
 
-    def _keep_features(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        self._features = inputs[0]
-
-    def attribute_logits(self) -> torch.Tensor | None:
-        """After a forward pass: N x attributes logits (each attribute predicted on its own, as in DAP)."""
+    def run(self, images: torch.Tensor) -> tuple[Any, torch.Tensor | None]:
+        """The network's raw output (Inception v3 in training: logits and aux_logits) and, with an attribute
+        head, the image features it reads (what the class head received, N x D); None without one."""
         if not self.hparams.attributes:
-            return None
-        features, self._features = self._features, None  # no activations (or autograd graph) kept past their use
-        if features is None:
-            raise RuntimeError("attribute_logits() reads the features of the last forward pass: call the model first")
-        return self.attribute_head(features.flatten(1)).float()
+            return self.net(self._prepare(images)), None
+        with probe.capture_inputs(self.class_head) as captured:
+            output = self.net(self._prepare(images))
+        return output, captured[-1].flatten(1)
 
-    def compatibility(self, attribute_logits: torch.Tensor | None = None) -> torch.Tensor | None:
-        """After a forward pass: N x (seen + unseen) attribute-compatibility scores, None without attributes.
+    def attribute_logits(self, features: torch.Tensor | None) -> torch.Tensor | None:
+        """N x attributes logits of the image features (each attribute predicted on its own, as in DAP);
+        None without an attribute head."""
+        if not self.hparams.attributes or features is None:
+            return None
+        return self.attribute_head(features).float()
+
+    def compatibility(self, attribute_logits: torch.Tensor | None) -> torch.Tensor | None:
+        """N x (seen + unseen) attribute-compatibility scores of attribute_logits(); None without attributes.
 
         Each attribute is predicted independently (sigmoid, trained by binary cross-entropy against the
         class's attribute values, which is what lets unseen combinations of known attributes be named),
         and the cosine between the predicted attribute vector and each class's vector, times a learned
         temperature, scores the class (trained by cross-entropy over the seen classes).
         """
-        if attribute_logits is None:
-            attribute_logits = self.attribute_logits()
         if attribute_logits is None:
             return None
         with torch.autocast(self.device.type, enabled=False):  # fp32: bf16 would round the stacking margins
@@ -249,7 +195,7 @@ class AnimalClassifier(LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, targets = batch
-        output = self.net(self._prepare(images))
+        output, features = self.run(images)
         if hasattr(output, "aux_logits"):  # Inception v3's auxiliary classifier, trained alongside
             logits = output.logits
             loss = self._loss(logits, targets)
@@ -257,7 +203,7 @@ class AnimalClassifier(LightningModule):
                 loss = loss + self.hparams.aux_loss_weight * self._loss(output.aux_logits, targets)
         else:
             logits, loss = output, self._loss(output, targets)
-        attribute_logits = self.attribute_logits()
+        attribute_logits = self.attribute_logits(features)
         if attribute_logits is not None:
             compat = self.compatibility(attribute_logits)
             class_targets = targets if targets.ndim == 2 else F.one_hot(targets, len(self.class_names)).float()
@@ -277,30 +223,29 @@ class AnimalClassifier(LightningModule):
         for the epoch's end (targets >= the number of classes are novel: unseen classes of the test set).
         Returns the logits and targets, for callbacks (the confusion matrix and worst-mistakes grid)."""
         images, targets = batch
-        logits = self(images)
-        compat = self.compatibility()
+        output, features = self.run(images)
+        logits = _logits(output)
+        compat = self.compatibility(self.attribute_logits(features))
         num_seen = len(self.class_names)
         seen = targets < num_seen
         if seen.any():
             # a metric, not self.log: summed over the ranks once, at the epoch's end (none of them may skip it)
             self.eval_loss[stage].update(self._loss(logits[seen], targets[seen]).detach(), weight=int(seen.sum()))
             metrics.update(logits[seen], targets[seen])
-        stats = {"scores": openset.known_scores(logits).cpu(), "predicted": logits.argmax(1).cpu(),
-                 "targets": targets.cpu()}
-        if compat is not None:
-            stats["compat"] = compat.float().cpu()
-        self._stats.append(stats)
+        self.image_scores[stage].update(openset.known_scores(logits), logits.argmax(1), targets, compat)
         return {"logits": logits.detach(), "targets": targets}
 
-    def _gathered(self) -> dict[str, torch.Tensor]:
+    def _gathered(self, stage: str) -> dict[str, torch.Tensor]:
         """This epoch's per-image scores from every process (DDP), so each rank calibrates on all images."""
-        stats, self._stats = self._stats, []
-        stats = [batch for rank in gather_objects(stats) for batch in rank]
-        return {key: torch.cat([s[key] for s in stats]) for key in stats[0]} if stats else {}
+        metric = self.image_scores[stage]
+        distributed = self._trainer is not None and self.trainer.world_size > 1  # every rank must take part
+        values = metric.compute() if metric.update_called or distributed else {}
+        metric.reset()
+        return values
 
     def _calibrate(self) -> None:
         """Validation images are all seen: their score distributions set the unknown threshold and penalty."""
-        stats = self._gathered()
+        stats = self._gathered("val")
         if not stats:
             return
         num_seen = len(self.class_names)
@@ -315,7 +260,7 @@ class AnimalClassifier(LightningModule):
     def _open_set_metrics(self) -> dict[str, float]:
         """Test images of classes outside training: AUROC of seen vs novel, and generalized zero-shot
         accuracy (seen, unseen, their harmonic mean H, per-class averaged as in Xian et al. 2017)."""
-        stats = self._gathered()
+        stats = self._gathered("test")
         num_seen = len(self.class_names)
         if not stats or not (stats["targets"] >= num_seen).any():
             return {}
@@ -337,7 +282,7 @@ class AnimalClassifier(LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
-            self._stats = []
+            self.image_scores["val"].reset()
         else:
             self._calibrate()
         values = self.val_metrics.compute()
@@ -365,24 +310,29 @@ class AnimalClassifier(LightningModule):
         self.eval_loss["test"].reset()
         self.log_dict(self._open_set_metrics())
 
-    predict_tta: str | None = None  # "hflip": average with the mirrored image (set by prediction)
-
-    def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
-        """probabilities (N x classes), the three open-set scores (N x 3), and with attributes the
-        compatibility with every seen and unseen class; tta=hflip averages over the mirrored image."""
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        views = [images, images.flip(-1)] if self.predict_tta == "hflip" else [images]
+    def outputs(self, images: torch.Tensor, tta: str | None = None) -> dict[str, torch.Tensor]:
+        """What prediction needs of a batch: probabilities (N x classes), the three open-set scores (N x 3),
+        and with attributes the compatibility with every seen and unseen class (N x seen+unseen).
+        tta="hflip" averages each over the image and its mirror."""
+        if tta not in (None, "hflip"):
+            raise ValueError(f"tta={tta!r} is not one of: None, hflip")
+        views = [images, images.flip(-1)] if tta == "hflip" else [images]
         probabilities, logits, compat = [], [], []
         for view in views:
-            out = self(view).float()
+            output, features = self.run(view)
+            out = _logits(output).float()
             probabilities.append(torch.softmax(out, dim=1))
             logits.append(out)
-            compat.append(self.compatibility())
+            compat.append(self.compatibility(self.attribute_logits(features)))
         result = {"probabilities": torch.stack(probabilities).mean(0),
                   "scores": openset.known_scores(torch.stack(logits).mean(0))}
         if compat[0] is not None:
             result["compat"] = torch.stack(compat).mean(0)
         return result
+
+    def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        """outputs() of the batch's images (a batch may also carry file names or errors)."""
+        return self.outputs(batch[0] if isinstance(batch, (list, tuple)) else batch)
 
     # -- fine-tuning: start from a linear probe's head, or train the new head alone first ------------
     def on_fit_start(self) -> None:
@@ -474,8 +424,6 @@ class AnimalClassifier(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint.get(CHECKPOINT_KEY) or {}
         self.calibration = meta.get("calibration")
-        if meta.get("preprocess"):
-            self.preprocess = PreprocessSpec.from_dict(meta["preprocess"])  # with its resize mode
         if RNG_KEY in checkpoint and self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
             # resuming: the random streams continue where they were, so the next epoch shuffles and augments as
             # it would have without the interruption (with data.num_workers=0; workers restart their own streams)
@@ -491,95 +439,21 @@ class AnimalClassifier(LightningModule):
         """
         checkpoint, meta = read_checkpoint(path)
         hparams = dict(checkpoint["hyper_parameters"])
+        saved = PreprocessSpec.from_dict(meta["preprocess"])
+        hparams.setdefault("resize_mode", saved.resize_mode)  # checkpoints from before it was a model argument
         model = cls(**hparams, load_weights=False)
         result = model.load_state_dict(checkpoint["state_dict"], strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise CheckpointError(f"checkpoint {path} does not match its own backbone {hparams.get('backbone')} "
                                   f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})")
-        model.preprocess = PreprocessSpec.from_dict(meta["preprocess"])
+        model.preprocess = saved  # as the weights were trained (a newer timm may describe the backbone otherwise)
         model.calibration = meta.get("calibration")
         return model.eval(), meta
 
 
-def rng_states() -> dict:
-    """torch's, numpy's and Python's global random states as tensors and plain numbers (what
-    torch.load(weights_only=True) reads back)."""
-    import random
-
-    version, state, gauss = random.getstate()
-    name, keys, position, has_gauss, cached = np.random.get_state()
-    states = {"torch": torch.get_rng_state(), "python": [version, list(state), gauss],
-              "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)]}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()  # dropout and drop-path on the GPU draw from these
-    return states
-
-
-def set_rng_states(states: dict) -> None:
-    """Put back what rng_states() saved."""
-    import random
-
-    torch.set_rng_state(states["torch"])
-    version, state, gauss = states["python"]
-    random.setstate((version, tuple(state), gauss))
-    name, keys, position, has_gauss, cached = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
-    cuda = states.get("cuda") or []
-    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> tuple[dict, dict]:
-    """(the checkpoint, its animal-lightning metadata), loaded with torch.load(weights_only=True), which refuses
-    pickled objects, so a planted payload cannot run. A file that is missing, damaged, not a checkpoint, or not
-    one of ours is a one-line CheckpointError. mmap: leave the tensors on disk (to read the metadata only)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found: pass ckpt_path=/path/to/best.ckpt")
-    damaged = f"checkpoint {path} is damaged or not a PyTorch checkpoint; pass a .ckpt written by train.py"
-    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since PyTorch 1.6
-        raise CheckpointError(damaged)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as error:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        what = f" ({found.group(1)})" if found else ""
-        raise CheckpointError(f"checkpoint {path} holds pickled objects{what} that safe loading refuses, since "
-                              "they could run code; only load checkpoints written by train.py") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
-        raise CheckpointError(f"{damaged} ({type(error).__name__})") from None
-    meta = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
-    if not isinstance(meta, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
-        raise CheckpointError(f"{path} is not an animal-lightning checkpoint (no class names or preprocessing "
-                              "inside); pass a .ckpt written by train.py")
-    return checkpoint, meta
-
-
-def check_resumable(path: str | os.PathLike, model: AnimalClassifier) -> None:
-    """Resuming `path` into `model` must find the same classes and backbone; say so in one line if not
-    (instead of Lightning's state-dict traceback)."""
-    checkpoint, meta = read_checkpoint(path, mmap=True)
-    saved_classes, backbone = list(meta.get("class_names") or []), checkpoint["hyper_parameters"].get("backbone")
-    if backbone != model.hparams.backbone:
-        raise CheckpointError(f"checkpoint {path} holds a {backbone} and this run builds a {model.hparams.backbone}: "
-                              f"pass model=... for {backbone} to resume it, or drop ckpt_path to start afresh")
-    if saved_classes != model.class_names:
-        def preview(names: list[str]) -> str:
-            return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
-
-        raise CheckpointError(f"checkpoint {path} was trained on {len(saved_classes)} classes "
-                              f"({preview(saved_classes)}) and this run's data has {len(model.class_names)} "
-                              f"({preview(model.class_names)}): "
-                              "resume with the data it was trained on, or drop ckpt_path to start afresh")
-    saved, own = checkpoint["state_dict"], model.state_dict()
-    differences = [f"{k} is not in the checkpoint" for k in own if k not in saved] + \
-        [f"{k} is only in the checkpoint" for k in saved if k not in own] + \
-        [f"{k} is {tuple(saved[k].shape)} there and {tuple(own[k].shape)} here" for k in own
-         if k in saved and tuple(saved[k].shape) != tuple(own[k].shape)]
-    if differences:  # e.g. attributes switched on or off, another attribute count, another ViT input size
-        raise CheckpointError(f"checkpoint {path} does not fit this run's model ({differences[0]}; "
-                              f"{len(differences)} difference(s)): resume with the settings it was trained with, "
-                              "or drop ckpt_path to start afresh")
+def _logits(output) -> torch.Tensor:
+    """The class logits of a network's output (Inception v3 in training returns them with aux_logits)."""
+    return output.logits if hasattr(output, "logits") else output
 
 
 def _plain_attributes(attributes: dict | None, class_names: list[str]) -> dict | None:
@@ -607,9 +481,3 @@ def _attribute_targets(matrix: list[list[float]]) -> tuple[torch.Tensor, torch.T
     low, high = float(values.min()), float(values.max())
     scaled = (values - min(low, 0.0)) / max(high - min(low, 0.0), 1e-12)
     return scaled, F.normalize(scaled, dim=1)
-
-
-def from_timm(name: str, **kwargs) -> AnimalClassifier:
-    """`model=timm model.name=<any timm model>`: the classifier with backbone timm/<name>."""
-    kwargs["backbone"] = f"timm/{name}"
-    return AnimalClassifier(**kwargs)

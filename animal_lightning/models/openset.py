@@ -15,9 +15,13 @@ prediction (flags and names images), so that both sides compute exactly the same
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
+from torchmetrics.functional.classification import binary_auroc
+
+from animal_lightning.models.metrics import MeanClassRecall
 
 SCORES = ("msp", "maxlogit", "energy")
 QUANTILE_POINTS = 201  # the calibration keeps each score's distribution at every 0.5%
@@ -94,9 +98,16 @@ def gzsl_probabilities(compat: torch.Tensor, num_seen: int, penalty: float) -> t
 
 
 def mean_class_accuracy(predicted: torch.Tensor, targets: torch.Tensor, classes: Sequence[int]) -> float | None:
-    """Per-class accuracy averaged over those of `classes` present in `targets` (Xian et al. 2017's metric)."""
-    accuracies = [float((predicted[targets == c] == c).float().mean()) for c in classes if (targets == c).any()]
-    return sum(accuracies) / len(accuracies) if accuracies else None
+    """Per-class accuracy averaged over those of `classes` present in `targets` (Xian et al. 2017's metric):
+    MeanClassRecall, the metric behind test/acc_macro, restricted to `classes`."""
+    classes = list(classes)
+    if not len(targets) or not classes:
+        return None
+    size = max(int(targets.max()), int(predicted.max()) if len(predicted) else 0, max(classes)) + 1
+    metric = MeanClassRecall(size, classes=classes)
+    metric.update(predicted.long(), targets.long())
+    value = float(metric.compute())
+    return None if math.isnan(value) else value
 
 
 def harmonic_mean(seen: float | None, unseen: float | None) -> float | None:
@@ -106,19 +117,18 @@ def harmonic_mean(seen: float | None, unseen: float | None) -> float | None:
 
 
 def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float | None:
-    """Area under the ROC curve of `scores` separating positives (seen-class images) from the rest:
-    the probability that a random positive scores above a random negative (ties count half)."""
+    """Area under the ROC curve of `scores` separating positives (seen-class images) from the rest (torchmetrics'
+    binary AUROC: the probability that a random positive scores above a random negative, ties counting half);
+    None when either side has no image."""
     positive = positive.bool()
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
+    if not positive.any() or positive.all():
         return None
-    order = scores.double().argsort()
-    _, inverse, counts = torch.unique_consecutive(scores.double()[order], return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).double()
-    average = ends - (counts.double() - 1) / 2  # mean rank of each group of ties
-    ranks = torch.empty(len(scores), dtype=torch.float64)
-    ranks[order] = average[inverse]
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    # scaled into [0, 1] in float64 (order and ties unchanged): torchmetrics would put anything outside [0, 1]
+    # through a sigmoid, which in float32 makes large logits and energies tie at 1.0
+    values = scores.double()
+    spread = float(values.max() - values.min())
+    scaled = (values - values.min()) / spread if spread > 0 else torch.zeros_like(values)
+    return float(binary_auroc(scaled, positive.long()))
 
 
 def open_set_report(known_score: torch.Tensor, targets: torch.Tensor, num_seen: int,

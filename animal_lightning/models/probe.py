@@ -20,23 +20,33 @@ from torch import nn
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)  # penalties tried (per image, on standardised features)
 
 
+@contextlib.contextmanager
+def capture_inputs(module: nn.Module):
+    """Within the block, each call of `module` appends its (first) input to the list this yields; the hook
+    is removed on leaving, so nothing outlives the forward pass that needed it."""
+    captured: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _, inputs, output: captured.append(inputs[0]))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()  # not inference_mode: the features then feed an autograd fit
 def head_inputs(net: nn.Module, head: nn.Linear, batches: Iterable, device: torch.device,
                 prepare=lambda images: images, autocast=contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
     """What `head` receives for every image of `batches` (N x D, float32 on the CPU) and the labels."""
-    captured: list[torch.Tensor] = []
-    handle = head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].flatten(1)))
     features, labels = [], []
     was_training = net.training
     net.eval()
     try:
-        for images, targets in batches:
-            with autocast():
-                net(prepare(images.to(device)))
-            features.append(captured.pop().float().cpu())
-            labels.append(targets.cpu())
+        with capture_inputs(head) as captured:
+            for images, targets in batches:
+                with autocast():
+                    net(prepare(images.to(device)))
+                features.append(captured.pop().flatten(1).float().cpu())
+                labels.append(targets.cpu())
     finally:
-        handle.remove()
         net.train(was_training)
     return torch.cat(features), torch.cat(labels)
 
