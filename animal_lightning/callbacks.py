@@ -75,7 +75,7 @@ class EMA(WeightAveraging):
     epoch from `update_starting_at_epoch`.
     """
 
-    def __init__(self, decay: float = 0.999, warmup: float = 10.0, update_every_n_steps: int = 1,
+    def __init__(self, decay: float = 0.998, warmup: float = 10.0, update_every_n_steps: int = 1,
                  update_starting_at_step: int | None = None, update_starting_at_epoch: int | None = None,
                  device: torch.device | str | int | None = None, use_buffers: bool = True):
         self.update = WarmupEMAUpdate(decay, warmup)  # checks both settings first; a module-level class: picklable
@@ -132,22 +132,25 @@ class EvaluationReport(Callback):
 
     def _start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         n = len(pl_module.class_names)
-        self._confusion = MulticlassConfusionMatrix(n).to(pl_module.device) if self._active(trainer, stage) else None
+        # novel test classes (targets >= n) are counted by the open-set report, not here: ignore_index=-1 drops them
+        self._confusion = MulticlassConfusionMatrix(n, ignore_index=-1, validate_args=False).to(pl_module.device) \
+            if self._active(trainer, stage) else None
         self._worst = []
 
     def _collect(self, pl_module: LightningModule, outputs: Any, batch: Any) -> None:
         if self._confusion is None or not isinstance(outputs, dict) or "logits" not in outputs:
             return
-        # one copy to the host per batch, not a device sync per number read
-        logits, targets = outputs["logits"].detach().float().cpu(), outputs["targets"].detach().cpu()
         num_seen = self._confusion.num_classes
+        targets = outputs["targets"].detach()
+        self._confusion.update(outputs["logits"].detach().argmax(1), torch.where(targets < num_seen, targets, -1))
+        # one copy to the host per batch, not a device sync per number read
+        logits, targets = outputs["logits"].detach().float().cpu(), targets.cpu()
         seen = targets < num_seen
         if not seen.any():
             return
         logits, targets, images = logits[seen], targets[seen], batch[0][seen.to(batch[0].device)]
         probabilities = F.softmax(logits, dim=1)
         confidence, predicted = probabilities.max(dim=1)
-        self._confusion.update(predicted.to(pl_module.device), targets.to(pl_module.device))
         wrong = (predicted != targets).nonzero().flatten()
         if not len(wrong) or not self.worst_images:
             return
@@ -186,7 +189,9 @@ class EvaluationReport(Callback):
         if self._confusion is None:
             return
         # Every rank takes part in the reductions (torchmetrics sums the counts); only rank zero draws and writes.
-        confusion = self._confusion.compute().long().cpu()
+        n = self._confusion.num_classes
+        counted = self._confusion.update_called or trainer.world_size > 1  # under DDP every rank joins compute()
+        confusion = self._confusion.compute().long().cpu() if counted else torch.zeros(n, n, dtype=torch.long)
         worst = sorted((item for rank in gather_objects(self._worst) for item in rank),
                        key=lambda item: -item["confidence"])[: self.worst_images]
         self._confusion, self._worst = None, []

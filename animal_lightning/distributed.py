@@ -1,4 +1,5 @@
-"""The one collective the project needs outside torchmetrics: every process's Python object under DDP."""
+"""Gathering Python objects (not tensors) from every process under DDP: predictions with their file errors,
+the worst-mistake pictures. Metrics sync themselves through torchmetrics."""
 
 from __future__ import annotations
 

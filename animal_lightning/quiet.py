@@ -15,7 +15,7 @@ import warnings
 NOISE = re.compile("|".join((
     "💡 Tip:",  # an advert for Lightning's cloud logger
     "Trainer already configured with model summary callbacks",  # conf/callbacks chose RichModelSummary itself
-    r"`Trainer\(limit_\w+=1\.0\)` was configured so 100%",  # the default, said aloud
+    r"`Trainer\(limit_\w+=1\.0\)` was configured so 100%",  # 1.0 given explicitly: the default, said aloud
     "Loading `train_dataloader` to estimate number of stepping batches",  # the schedule's length, as designed
 )))
 # warnings, by a regular expression matching their start

@@ -137,10 +137,13 @@ def _atomic_checkpoints(trainer: L.Trainer) -> L.Trainer:
 
 
 def _cluster_starts_ranks() -> bool:
-    """SLURM (srun tasks) or torchrun already started one process per rank: DDP must not launch any."""
-    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+    """A cluster already started one process per rank (SLURM's srun tasks, torchrun, LSF, MPI, Kubeflow): DDP
+    must not launch any. These are Lightning's cluster environments that create processes externally."""
+    from lightning.fabric.plugins import environments
 
-    return SLURMEnvironment.detect() or TorchElasticEnvironment.detect()
+    clusters = (environments.SLURMEnvironment, environments.TorchElasticEnvironment, environments.LSFEnvironment,
+                environments.MPIEnvironment, environments.KubeflowEnvironment)
+    return any(cluster.detect() for cluster in clusters)
 
 
 def _in_multirun() -> bool:

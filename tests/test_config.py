@@ -8,6 +8,7 @@ import inspect
 import pytest
 from omegaconf import OmegaConf
 
+from animal_lightning.callbacks import EMA
 from animal_lightning.data import AnimalDataModule
 from animal_lightning.data.attributes import DEFAULT_FILES
 from animal_lightning.data.datasets import MixCollate
@@ -21,6 +22,7 @@ BLOCKS = [
     ("data/animals.yaml", "augment", train_transform),
     ("data/animals.yaml", "mix", MixCollate),
     ("model/resnet50.yaml", "", AnimalClassifier),
+    ("callbacks/ema.yaml", "ema", EMA),
 ]
 NOT_ARGUMENTS = {"_target_", "defaults"}
 

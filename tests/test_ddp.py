@@ -1,4 +1,4 @@
-"""Real DDP on the CPU: two gloo processes train the demo data (trainer=ddp_cpu)."""
+"""DDP: the strategy chosen from the config (fast), and two real gloo processes training the demo data (slow)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ import torch
 from animal_lightning.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
 from tests.conftest import PROJECT
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow  # trains and predicts with two processes
 def test_two_cpu_processes_agree_write_once_and_count_each_test_image_once(tmp_path):
     # 21 test and 9 validation images: odd counts, which a padding sampler would round up to 22 and 10
     spec = SyntheticSpec(num_classes=3, train_per_class=20, test_per_class=7, image_size=32, seed=5)

@@ -207,6 +207,7 @@ def _predict_py(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
                            *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # train.py or predict.py run for real, several seconds each
 def test_predict_py_with_no_arguments_uses_the_newest_run(trained, tmp_path):
     run = tmp_path / "logs" / "train" / "runs" / "2026-11-28_00-00-00" / "checkpoints"
     run.mkdir(parents=True)
@@ -271,6 +272,19 @@ def test_lightnings_own_loader_restores_the_preprocessing_too(trained):
     model = AnimalClassifier.load_from_checkpoint(trained["ckpt"], weights_only=True)
     assert model.preprocess == AnimalClassifier.from_checkpoint(trained["ckpt"])[0].preprocess
     assert model.preprocess.resize_mode == "squash"
+
+
+def test_a_checkpoint_from_before_resize_mode_was_a_model_argument_keeps_its_preprocessing(trained, tmp_path):
+    checkpoint = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)
+    del checkpoint["hyper_parameters"]["resize_mode"]  # as train.py wrote them before issue 17
+    assert checkpoint["animal_lightning"]["preprocess"]["resize_mode"] == "squash"
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    calibration = checkpoint["animal_lightning"]["calibration"]
+    ours = AnimalClassifier.from_checkpoint(old)[0]
+    lightnings = AnimalClassifier.load_from_checkpoint(old, weights_only=True)
+    for model in (ours, lightnings):
+        assert model.preprocess.resize_mode == "squash" and model.calibration == calibration
 
 
 def test_gathered_predictions_go_back_in_input_order_and_a_gap_is_an_error():

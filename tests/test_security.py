@@ -50,6 +50,7 @@ def test_lightnings_own_loading_path_refuses_the_payload_too(booby_trapped, tmp_
     assert not (tmp_path / "PWNED").exists()
 
 
+@pytest.mark.slow  # train.py runs for real
 @pytest.mark.parametrize("override, message", [
     ("model=resnet50", "holds a resnet18 and this run builds a resnet50: pass model=... for resnet18 to resume it"),
     ("data.root={other}", "was trained on 4 classes (blue_plain_angular, green_spotted_boxy, purple_striped_round, "

@@ -33,6 +33,7 @@ def only_run_dir(log_dir: Path) -> Path:
     return runs[0]
 
 
+@pytest.mark.slow  # train.py or predict.py run for real, several seconds each
 def test_train_py_fdr_leaves_checkpoint_events_and_metrics(tmp_path, synthetic_root):
     result = run_train("data=synthetic", f"data.root={synthetic_root}", "data.num_classes=4",
                        "data.train_per_class=30", "data.test_per_class=8", "data.image_size=32",
@@ -114,6 +115,7 @@ def test_train_py_bad_input_is_one_line_not_a_traceback(tmp_path, override, mess
     assert not list((tmp_path / "logs").rglob("*.ckpt"))
 
 
+@pytest.mark.slow  # train.py or predict.py run for real, several seconds each
 def test_resume_from_last_checkpoint_continues_at_the_next_epoch(compose_cfg, copy_synthetic, tmp_path):
     root = copy_synthetic()
     common = [f"data.root={root}", *FAST, "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",

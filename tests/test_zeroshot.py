@@ -168,6 +168,7 @@ def zeroshot(tmp_path_factory) -> dict:
     return {"metrics": metrics, "ckpt": Path(metrics["best_checkpoint"]), "root": root, "work": work}
 
 
+@pytest.mark.slow  # the zeroshot fixture trains the demo for real (about a minute)
 def test_short_training_names_unseen_classes_above_chance(zeroshot):
     test = zeroshot["metrics"]  # train() returns val/* and test/* metrics in one dict
     # The bars sit below what 8 runs of this fixture measured: training seeds 42, 1, 2, 3, 4 (bf16 on an
@@ -183,6 +184,7 @@ def test_short_training_names_unseen_classes_above_chance(zeroshot):
     assert test["val/acc_attributes"] > 0.5  # 0.98 to 0.99
 
 
+@pytest.mark.slow  # the zeroshot fixture trains the demo for real (about a minute)
 def test_the_checkpoint_carries_attributes_and_calibration(zeroshot):
     model, meta = AnimalClassifier.from_checkpoint(zeroshot["ckpt"])
     unseen = (zeroshot["root"] / "attributes" / "unseen.txt").read_text().split()
@@ -194,6 +196,7 @@ def test_the_checkpoint_carries_attributes_and_calibration(zeroshot):
     assert calibration["images"] == 10 * 15  # the 15% validation split of 100 images per class
 
 
+@pytest.mark.slow  # the zeroshot fixture trains the demo for real (about a minute)
 def test_prediction_flags_unknowns_and_names_unseen_classes(zeroshot, tmp_path, capsys):
     cfg = compose_config("predict", tmp_path, f"ckpt_path={zeroshot['ckpt']}", "progress=false", "num_workers=0")
     summary = predict(cfg)  # no input: the training root's test folder, scored by its labels CSV
@@ -220,6 +223,7 @@ def test_prediction_flags_unknowns_and_names_unseen_classes(zeroshot, tmp_path, 
     assert "Zero-shot (per-class): seen" in out and "Open set (msp): AUROC" in out
 
 
+@pytest.mark.slow  # the zeroshot fixture trains the demo for real (about a minute)
 def test_prediction_options_change_the_decisions(zeroshot, tmp_path):
     def unseen_named(*overrides: str) -> int:
         predict(compose_config("predict", tmp_path, f"ckpt_path={zeroshot['ckpt']}", "progress=false",
@@ -296,6 +300,7 @@ def test_an_attribute_table_that_does_not_fit_the_model_is_a_one_line_error():
         small_attribute_model(matrix=[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
 
 
+@pytest.mark.slow  # the zeroshot fixture trains the demo for real (about a minute)
 def test_decisions_need_a_calibration_and_a_sane_keep(zeroshot):
     from animal_lightning.errors import CheckpointError
     from animal_lightning.prediction import decide
@@ -320,7 +325,10 @@ def _gather_on_rank(rank: int, store: str, out: str) -> None:
         n = rank + 1  # uneven shares: rank 0 one image, rank 1 two
         scores.update(torch.full((n, 3), float(rank)), torch.full((n,), rank), torch.full((n,), 10 + rank),
                       torch.full((n, 4), float(rank)))
-        torch.save(scores.compute(), f"{out}.{rank}")  # torchmetrics gathers every rank's images
+        plain = PerImageScores()  # a model without attributes: no compat, which the gather must not invent
+        plain.update(torch.full((n, 3), float(rank)), torch.full((n,), rank), torch.full((n,), 10 + rank))
+        empty = PerImageScores()  # a rank that saw no image answers {} like the rest, after joining the gather
+        torch.save((scores.compute(), plain.compute(), empty.compute()), f"{out}.{rank}")  # every rank's images
     finally:
         torch.distributed.destroy_process_group()
 
@@ -329,6 +337,8 @@ def test_ddp_ranks_calibrate_on_every_ranks_images(tmp_path):
     torch.multiprocessing.spawn(_gather_on_rank, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
     expected = torch.tensor([[0.0] * 3, [1.0] * 3, [1.0] * 3])  # rank 0's one image, then rank 1's two
     for rank in (0, 1):
-        gathered = torch.load(tmp_path / f"out.{rank}")
+        gathered, plain, empty = torch.load(tmp_path / f"out.{rank}")
         assert torch.equal(gathered["scores"], expected) and gathered["targets"].tolist() == [10, 11, 11]
         assert gathered["predicted"].tolist() == [0, 1, 1] and gathered["compat"].shape == (3, 4)
+        assert set(plain) == {"scores", "predicted", "targets"} and torch.equal(plain["scores"], expected)
+        assert empty == {}

@@ -38,6 +38,7 @@ from animal_lightning.models import openset, probe
 from animal_lightning.models.backbones import create_backbone
 from animal_lightning.models.metrics import PerImageScores, eval_metrics
 from animal_lightning.models.optim import parameter_groups
+from animal_lightning.quiet import quiet_lightning
 
 log = logging.getLogger(__name__)
 
@@ -335,6 +336,9 @@ class AnimalClassifier(LightningModule):
         return self.outputs(batch[0] if isinstance(batch, (list, tuple)) else batch)
 
     # -- fine-tuning: start from a linear probe's head, or train the new head alone first ------------
+    def setup(self, stage: str) -> None:
+        quiet_lightning()  # also in processes that DDP spawned, which never ran the entry point's set-up
+
     def on_fit_start(self) -> None:
         if self.hparams.head_init == "probe" and self.trainer.global_step == 0:  # not when resuming
             self._fit_probe_head()
@@ -424,6 +428,8 @@ class AnimalClassifier(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint.get(CHECKPOINT_KEY) or {}
         self.calibration = meta.get("calibration")
+        if meta.get("preprocess"):  # as the weights were trained (a newer timm may describe the backbone otherwise)
+            self.preprocess = PreprocessSpec.from_dict(meta["preprocess"])
         if RNG_KEY in checkpoint and self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
             # resuming: the random streams continue where they were, so the next epoch shuffles and augments as
             # it would have without the interruption (with data.num_workers=0; workers restart their own streams)
@@ -446,8 +452,7 @@ class AnimalClassifier(LightningModule):
         if result.missing_keys or result.unexpected_keys:
             raise CheckpointError(f"checkpoint {path} does not match its own backbone {hparams.get('backbone')} "
                                   f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})")
-        model.preprocess = saved  # as the weights were trained (a newer timm may describe the backbone otherwise)
-        model.calibration = meta.get("calibration")
+        model.on_load_checkpoint(checkpoint)  # the preprocessing and calibration recorded there
         return model.eval(), meta
 
 

@@ -81,7 +81,10 @@ class PerImageScores(Metric):
             self.compat.append(compat.float())
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """The fields as CPU tensors, images in order; {} before any update."""
-        values = {name: getattr(self, name) for name in self.FIELDS}
-        return {name: dim_zero_cat(value).cpu() for name, value in values.items()
-                if not (isinstance(value, list) and not value)}
+        """The fields as CPU tensors, images in order; a field nobody updated (compat without attributes) is left
+        out, and without any image the answer is {}. (Under DDP torchmetrics turns an empty list into an empty
+        tensor when it gathers: both count as empty.)"""
+        values = {name: dim_zero_cat(value).cpu() for name in self.FIELDS
+                  if (value := getattr(self, name)) is not None and (len(value) if isinstance(value, list)
+                                                                     else value.numel())}
+        return values if "targets" in values else {}
