@@ -137,12 +137,13 @@ def _atomic_checkpoints(trainer: L.Trainer) -> L.Trainer:
 
 
 def _cluster_starts_ranks() -> bool:
-    """A cluster already started one process per rank (SLURM's srun tasks, torchrun, LSF, MPI, Kubeflow): DDP
-    must not launch any. These are Lightning's cluster environments that create processes externally."""
+    """A cluster already started one process per rank (SLURM's srun tasks, torchrun, LSF, MPI): DDP must not
+    launch any. These are Lightning's cluster environments that create processes externally and can be detected
+    (Kubeflow's cannot: there the plugin is named in the trainer config, and the strategy is left as it is)."""
     from lightning.fabric.plugins import environments
 
     clusters = (environments.SLURMEnvironment, environments.TorchElasticEnvironment, environments.LSFEnvironment,
-                environments.MPIEnvironment, environments.KubeflowEnvironment)
+                environments.MPIEnvironment)
     return any(cluster.detect() for cluster in clusters)
 
 

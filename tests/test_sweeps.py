@@ -195,6 +195,12 @@ def test_ddp_stays_ddp_when_slurm_started_the_ranks(monkeypatch):
     from animal_lightning.training import _cluster_starts_ranks
 
     assert not _cluster_starts_ranks()
+    lsf = {"LSB_JOBID": "1", "LSB_DJOB_RANKFILE": "/none", "JSM_NAMESPACE_SIZE": "2", "JSM_NAMESPACE_LOCAL_RANK": "0"}
+    for name, value in lsf.items():  # LSF's jsrun: what Lightning's LSFEnvironment detects
+        monkeypatch.setenv(name, value)
+    assert _cluster_starts_ranks()
+    for name in lsf:
+        monkeypatch.delenv(name)
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_JOB_NAME", "train")
     assert _cluster_starts_ranks()
