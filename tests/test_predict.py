@@ -86,7 +86,9 @@ def test_labels_csv_scores_a_flat_folder(trained, tmp_path):
     rows = read_rows(tmp_path / "run" / "predictions.csv")
     assert summary["images_scored"] == 24
     assert summary["accuracy"] == pytest.approx(sum(r["class"] == r["label"] for r in rows) / 24)
-    assert summary["accuracy"] > 0.5  # trained for real: far above chance (0.25)
+    # trained for real: far above chance (0.25). The fixture's test accuracy measured 0.625 to 0.79 over training
+    # seeds 42, 1, 2, 3 in bf16 and 42, 1 in fp32 (2-core AMD EPYC, issue 17); 0.5 is 12 of the 24 images.
+    assert summary["accuracy"] > 0.5
 
 
 def test_bad_images_get_error_rows_and_a_count(trained, tmp_path, capsys):
