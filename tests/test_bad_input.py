@@ -130,8 +130,11 @@ def test_prediction_gives_every_bad_file_an_error_row(messy, trained, tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("model=resnet5", "Could not find 'model/resnet5'"),
-    ("data.root={file}", "is a file, not a folder: set data.root to the dataset folder"),
-    ("paths.log_dir={file}/logs", "cannot write the run folder {file}/logs/train/runs/"),
+    # each case starts train.py (about 5 s of imports): the fast lane keeps one, make test-all runs all
+    pytest.param("data.root={file}", "is a file, not a folder: set data.root to the dataset folder",
+                 marks=pytest.mark.slow),
+    pytest.param("paths.log_dir={file}/logs", "cannot write the run folder {file}/logs/train/runs/",
+                 marks=pytest.mark.slow),
 ])
 def test_bad_settings_stop_before_training_with_one_clear_message(tmp_path, override, message):
     afile = tmp_path / "afile"

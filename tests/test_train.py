@@ -98,8 +98,10 @@ def test_a_run_prints_our_lines_and_lightnings_progress_but_no_noise(tmp_path, s
 
 @pytest.mark.parametrize("override, message", [
     ("data.root={tmp}/missing", "error: data root {tmp}/missing does not exist"),
-    ("model=resnet18", "error: class folder {tmp}/ds/train/b has no usable image"),
-    ("model.weights_path={tmp}/w.pth", "error: weights file {tmp}/w.pth not found: model.weights_path should be"),
+    # each case starts train.py (about 5 s of imports): the fast lane keeps two, make test-all runs all
+    pytest.param("model=resnet18", "error: class folder {tmp}/ds/train/b has no usable image", marks=pytest.mark.slow),
+    pytest.param("model.weights_path={tmp}/w.pth",
+                 "error: weights file {tmp}/w.pth not found: model.weights_path should be", marks=pytest.mark.slow),
     ("data.balance=oversample", "error: data.balance='oversample' is not one of: none, sampler, loss_weights"),
 ])
 def test_train_py_bad_input_is_one_line_not_a_traceback(tmp_path, override, message):

@@ -333,6 +333,7 @@ def _gather_on_rank(rank: int, store: str, out: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes with a gloo group
 def test_ddp_ranks_calibrate_on_every_ranks_images(tmp_path):
     torch.multiprocessing.spawn(_gather_on_rank, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
     expected = torch.tensor([[0.0] * 3, [1.0] * 3, [1.0] * 3])  # rank 0's one image, then rank 1's two
