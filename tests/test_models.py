@@ -19,8 +19,10 @@ from animal_lightning.models.schedules import cyclic, onecycle, warmup_cosine
 from tests.conftest import CONF, PickleBomb, make_folder
 
 MODEL_CONFIGS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
-# VGG-16 (138 M parameters) takes seconds per step even at 32 px: make test-all covers it
-WITH_SLOW_VGG = [pytest.param(name, marks=pytest.mark.slow) if name == "vgg16" else name for name in MODEL_CONFIGS]
+# VGG-16 (138 M parameters) and ViT-B/16 (86 M) take seconds per step even at small inputs: make test-all covers them
+SLOW_MODELS = ("vgg16", "vit_b_16")
+WITH_SLOW_MODELS = [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_MODELS else name
+                    for name in MODEL_CONFIGS]
 # A small input each network accepts (Inception v3's auxiliary head needs 299, Inception v4's stem 75).
 SMALL = {"inception_v3": 299, "inception_v4": 75}
 TIMM_TEST_MODEL = "resnet10t"  # model=timm is tested with a small timm network
@@ -184,7 +186,7 @@ class Snapshots(L.Callback):
         self.states.append(copy.deepcopy({k: v.detach().clone() for k, v in module.net.state_dict().items()}))
 
 
-@pytest.mark.parametrize("name", WITH_SLOW_VGG)
+@pytest.mark.parametrize("name", WITH_SLOW_MODELS)
 def test_weights_path_round_trip_for_every_model(compose_cfg, name, tmp_path):
     """A state dict saved from the ImageNet-shaped network (1000 classes) starts a model for our classes."""
     backbone = small_model(compose_cfg, name).hparams.backbone
@@ -205,7 +207,7 @@ def test_weights_path_round_trip_for_every_model(compose_cfg, name, tmp_path):
     del reference, loaded, original
 
 
-@pytest.mark.parametrize("name", WITH_SLOW_VGG)
+@pytest.mark.parametrize("name", WITH_SLOW_MODELS)
 def test_frozen_backbone_phase_then_thaw_for_every_model(compose_cfg, name, tmp_path):
     root = make_folder(tmp_path / "ds", {"a": 2, "b": 2, "c": 2}, split="train")
     make_folder(tmp_path / "ds", {"a": 1, "b": 1, "c": 1}, split="val")

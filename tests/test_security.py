@@ -33,6 +33,7 @@ def booby_trapped(trained, tmp_path) -> Path:
     return path
 
 
+@pytest.mark.slow  # runs train.py or predict.py, or trains twice: make test-all
 def test_resuming_from_a_booby_trapped_checkpoint_is_refused_and_runs_nothing(trained, booby_trapped, tmp_path):
     result = run_script("train.py", f"data.root={trained['root'].parent}", "data=synthetic", "data.num_classes=4",
                         "data.train_per_class=30", "data.test_per_class=6", "data.image_size=32", "data.seed=1",
@@ -71,6 +72,7 @@ def test_resuming_a_checkpoint_of_other_classes_or_backbone_says_which(trained, 
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # runs train.py or predict.py, or trains twice: make test-all
 def test_image_ids_that_spreadsheets_would_evaluate_are_written_as_text(trained, tmp_path):
     folder = tmp_path / "test"
     names = ["=1+2.jpg", "+sum.jpg", "-cat.jpg", "@cmd.jpg", "ok.jpg"]
@@ -94,6 +96,7 @@ def test_spreadsheet_safe_quotes_formulas_and_leaves_numbers(value, expected):
     assert spreadsheet_safe(value) == expected
 
 
+@pytest.mark.slow  # runs train.py or predict.py, or trains twice: make test-all
 def test_training_asks_lightning_for_safe_loading_when_it_resumes_and_tests(compose_cfg, synthetic_root,
                                                                             monkeypatch):
     import lightning.pytorch as L

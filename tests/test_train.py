@@ -201,8 +201,10 @@ def test_loss_weights_reach_the_model(compose_cfg, tmp_path):
     assert model.hparams.class_weights == pytest.approx(model.class_weights.tolist())
 
 
-@pytest.mark.parametrize("script, text", [("train.py", "train an image classifier on a folder of photos"),
-                                          ("predict.py", "predict images with a trained checkpoint")])
+@pytest.mark.parametrize("script, text", [
+    ("train.py", "train an image classifier on a folder of photos"),
+    pytest.param("predict.py", "predict images with a trained checkpoint", marks=pytest.mark.slow),  # 1 is enough
+])
 def test_help_describes_each_entry_point(tmp_path, script, text):
     result = subprocess.run([sys.executable, str(PROJECT / script), "--help"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=120)
