@@ -118,7 +118,8 @@ def test_gradcam_peak_falls_on_the_animal_more_often_than_chance(tmp_path):
     from animal_lightning.training import train
 
     metrics = train(cfg)
-    assert metrics["test/acc"] > 0.8, metrics  # a model that has learned the classes
+    # a model that has learned the classes: 0.92 to 0.97 over training seeds 42, 1, 2 (bf16, 2-core AMD, issue 17)
+    assert metrics["test/acc"] > 0.8, metrics
     model, _ = AnimalClassifier.from_checkpoint(metrics["best_checkpoint"])
     labels = read_rows(root / "test_labels.csv")
     paths = [root / "test" / row["image_id"] for row in labels]
@@ -139,4 +140,5 @@ def test_gradcam_peak_falls_on_the_animal_more_often_than_chance(tmp_path):
         chance.append(max(area, cells))  # a random point, or a random cell: the likelier of the two
     hit_rate, chance_rate = float(np.mean(inside)), float(np.mean(chance))
     print(f"Grad-CAM peak inside the animal's box: {hit_rate:.0%} of {len(rows)} images (chance {chance_rate:.0%})")
+    # measured 45%, 66% and 54% (chance 14%) with training seeds 42, 1, 2 (issue 17): the bar is 34%
     assert hit_rate > 2 * chance_rate and hit_rate > chance_rate + 0.2
