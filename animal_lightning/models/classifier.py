@@ -445,8 +445,8 @@ class AnimalClassifier(LightningModule):
         """
         checkpoint, meta = read_checkpoint(path)
         hparams = dict(checkpoint["hyper_parameters"])
-        saved = PreprocessSpec.from_dict(meta["preprocess"])
-        hparams.setdefault("resize_mode", saved.resize_mode)  # checkpoints from before it was a model argument
+        # checkpoints from before resize_mode was a model argument: the mode their recorded preprocessing used
+        hparams.setdefault("resize_mode", PreprocessSpec.from_dict(meta["preprocess"]).resize_mode)
         model = cls(**hparams, load_weights=False)
         result = model.load_state_dict(checkpoint["state_dict"], strict=False)
         if result.missing_keys or result.unexpected_keys:

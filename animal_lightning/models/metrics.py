@@ -84,7 +84,10 @@ class PerImageScores(Metric):
         """The fields as CPU tensors, images in order; a field nobody updated (compat without attributes) is left
         out, and without any image the answer is {}. (Under DDP torchmetrics turns an empty list into an empty
         tensor when it gathers: both count as empty.)"""
-        values = {name: dim_zero_cat(value).cpu() for name in self.FIELDS
-                  if (value := getattr(self, name)) is not None and (len(value) if isinstance(value, list)
-                                                                     else value.numel())}
+        values = {}
+        for name in self.FIELDS:
+            state = getattr(self, name)  # a list of batches, or after a DDP gather one tensor
+            value = dim_zero_cat(state) if not isinstance(state, list) or state else None
+            if value is not None and value.numel():
+                values[name] = value.cpu()
         return values if "targets" in values else {}
