@@ -97,7 +97,7 @@ def ddp_strategy(trainer_cfg: dict, freezes: bool):
     DDP is chosen by name (ddp...) or, with strategy auto, by more than one process (devices x num_nodes), as
     Lightning would. Lightning's ddp starts the other ranks by re-running the command line: under -m that is
     the whole sweep again, in every child, so a sweep job starts them itself (ddp_spawn), unless a cluster
-    (SLURM, torchrun) already started one process per rank. A frozen backbone leaves parameters without
+    (SLURM, torchrun, LSF, MPI) already started one process per rank. A frozen backbone leaves parameters without
     gradients, which DDP must be told to expect (find_unused_parameters)."""
     strategy = trainer_cfg.get("strategy", "auto")
     if not isinstance(strategy, str):
