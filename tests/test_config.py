@@ -68,3 +68,18 @@ def test_a_setting_the_block_does_not_take_is_a_one_line_error(tmp_path):
         AnimalDataModule(tmp_path, augment={"augment": False})  # the key's name before data.augment.enabled
     with pytest.raises(DataError, match=r"data.mix.policy is not a setting of data.mix: use mixup_alpha, cutmix_alpha"):
         AnimalDataModule(tmp_path, mix={"policy": "none"})
+
+
+def test_one_resize_mode_for_the_model_and_the_data(tmp_path):
+    from animal_lightning.errors import DataError, ModelConfigError
+    from animal_lightning.models import AnimalClassifier
+
+    with pytest.raises(ModelConfigError, match=r"data.resize_mode='stretch' is not one of: crop, squash"):
+        AnimalClassifier(["a", "b"], backbone="resnet18", pretrained=False, image_size=32, resize_mode="stretch")
+    model = AnimalClassifier(["a", "b"], backbone="resnet18", pretrained=False, image_size=32, resize_mode="squash")
+    assert model.preprocess.resize_mode == "squash"  # the one computation of the spec, with the data's mode
+    with pytest.raises(DataError, match=r"evaluates images with resize_mode='squash' and data.resize_mode is 'crop'"):
+        AnimalDataModule(tmp_path, resize_mode="crop").use_preprocess(model.preprocess)
+    squash = AnimalDataModule(tmp_path, resize_mode="squash")
+    squash.use_preprocess(model.preprocess)
+    assert squash.preprocess is model.preprocess
