@@ -198,7 +198,7 @@ def predict_outputs(model: AnimalClassifier, paths: Sequence[Path], *, batch_siz
 class Decisions:
     """The answer for each image: a class among seen (+ unseen) classes, and whether it looks unknown."""
 
-    names: list[str]  # seen classes, then unseen ones (attributes only)
+    names: list[str]  # seen classes, then unseen ones (zero-shot candidates)
     predicted: torch.Tensor  # index into names
     confidence: torch.Tensor
     known_score: torch.Tensor  # higher: more like a training class
@@ -206,15 +206,27 @@ class Decisions:
     score: str
     keep: float
     threshold: float | None
-    penalty: float | None  # calibrated stacking's penalty on seen classes (attributes only)
-    unseen_choice: torch.Tensor | None = None  # the best-fitting unseen class of each image (attributes only)
+    penalty: float | None  # calibrated stacking's penalty on seen classes (with unseen classes only)
+    unseen_choice: torch.Tensor | None = None  # the best unseen class of each image (with unseen classes only)
+    sources: str | None = None  # which sources named unseen classes (openset.SOURCE_MODES)
+    source: torch.Tensor | None = None  # N x unseen: each unseen class's source (index into openset.SOURCES)
+
+    def answer_source(self, n: int) -> str:
+        """What named image n: `classifier` (a seen class) or the zero-shot source of its unseen class."""
+        seen = len(self.names) - (self.source.shape[1] if self.source is not None else 0)
+        chosen = int(self.predicted[n])
+        if self.source is None or chosen < seen:
+            return "classifier"
+        index = int(self.source[n, chosen - seen])
+        return openset.SOURCES[index] if index >= 0 else "none"
 
 
 def decide(model: AnimalClassifier, outputs: dict[str, torch.Tensor], *, score: str | None = None,
-           keep: float | None = None, penalty: float | None = None) -> Decisions:
-    """Open-set flags from the known-class score, and generalized zero-shot naming with attributes.
+           keep: float | None = None, penalty: float | None = None, sources: str | None = None) -> Decisions:
+    """Open-set flags from the known-class score, and generalized zero-shot naming of unseen classes.
 
-    score, keep and penalty default to the checkpoint's (model.open_set_* and its validation calibration).
+    score, keep, penalty and sources default to the checkpoint's (model.open_set_*, model.zero_shot_sources
+    and its validation calibration).
     """
     score = score or model.hparams.open_set_score
     keep = float(keep if keep is not None else model.hparams.open_set_keep)
@@ -228,24 +240,30 @@ def decide(model: AnimalClassifier, outputs: dict[str, torch.Tensor], *, score: 
     threshold = openset.known_threshold(calibration, score, keep) if calibration else None
     confidence, predicted = probabilities.max(dim=1) if len(probabilities) else (torch.zeros(0), torch.zeros(0))
     predicted = predicted.long()
-    compat = outputs.get("compat")
-    if compat is not None and model.unseen_class_names:
+    sources = sources or model.hparams.zero_shot_sources
+    modes = model.zero_shot_modes
+    unseen_choice = source = None
+    if model.unseen_class_names and modes:
+        if sources not in modes:
+            raise DataError(f"zero_shot_sources={sources!r} is not one this model has: {', '.join(modes)}")
         if penalty is None:
-            if not (calibration and calibration.get("margin_quantiles")):
-                raise CheckpointError("the checkpoint has no zero-shot calibration (it was saved before any "
-                                      "validation): pass seen_penalty=<number> or use a later checkpoint")
-            penalty = openset.seen_penalty(calibration, keep)
+            if sources not in ((calibration or {}).get("stacking_quantiles") or {}):
+                raise CheckpointError("the checkpoint has no zero-shot calibration for these sources (it was saved "
+                                      "before any validation, or by an older version): pass seen_penalty=<number> "
+                                      "or use a later checkpoint")
+            penalty = openset.seen_penalty(calibration, keep, sources)
         num_seen = len(model.class_names)
-        predicted = openset.gzsl_predict(predicted, compat, num_seen, float(penalty))
-        unseen_probability = openset.gzsl_probabilities(compat, num_seen, float(penalty)).gather(
+        stacked, source = model.zero_shot_scores(outputs, sources)
+        predicted = openset.gzsl_predict(predicted, stacked, num_seen, float(penalty))
+        unseen_probability = openset.gzsl_probabilities(stacked, num_seen, float(penalty)).gather(
             1, predicted[:, None]).squeeze(1)
         confidence = torch.where(predicted >= num_seen, unseen_probability, confidence)
-        unseen_choice = openset.best_unseen(compat, num_seen)
+        unseen_choice = openset.best_unseen(stacked, num_seen)
     else:
-        penalty = unseen_choice = None
+        penalty = sources = None
     return Decisions(model.all_class_names, predicted, confidence, known,
                      None if threshold is None else known < threshold, score, keep, threshold, penalty,
-                     unseen_choice)
+                     unseen_choice, sources, source)
 
 
 # -- writing and scoring --------------------------------------------------------------------------------
@@ -266,6 +284,8 @@ def prediction_rows(inputs: Inputs, class_names: Sequence[str], probabilities: t
             row["known_score"] = "" if failed else round(float(decisions.known_score[n]), 6)
             flagged = decisions.unknown is not None and bool(decisions.unknown[n])
             row["open_set"] = "" if failed or decisions.unknown is None else ("unknown" if flagged else "known")
+            if decisions.source is not None:  # zero-shot: what named the image
+                row["source"] = "" if failed else decisions.answer_source(n)
         for j in range(k):
             row[f"class_{j + 1}"] = "" if failed else class_names[int(top_i[n, j])]
             row[f"prob_{j + 1}"] = "" if failed else round(float(top_p[n, j]), 6)
@@ -320,7 +340,10 @@ def open_set_scores(inputs: Inputs, decisions: Decisions, errors: Sequence[str],
     if decisions.penalty is not None:
         zero_shot = openset.zero_shot_report(decisions.predicted[keep], targets, num_seen, len(decisions.names),
                                              decisions.unseen_choice[keep])
-        result["zero_shot"] = {"seen_penalty": decisions.penalty, **zero_shot}
+        per_class = openset.named_by(decisions.predicted[keep], decisions.source[keep], targets, num_seen,
+                                     decisions.names[num_seen:])
+        result["zero_shot"] = {"sources": decisions.sources, "seen_penalty": decisions.penalty, **zero_shot,
+                               "per_class": per_class}
     return result
 
 
@@ -371,7 +394,7 @@ def predict(cfg) -> dict:
         return {"images": len(inputs.paths), "rank": rank_zero_only.rank}
     probabilities = outputs["probabilities"]
     decisions = decide(model, outputs, score=cfg.get("open_set_score"), keep=cfg.get("open_set_keep"),
-                       penalty=cfg.get("seen_penalty"))
+                       penalty=cfg.get("seen_penalty"), sources=cfg.get("zero_shot_sources"))
     rows = prediction_rows(inputs, model.class_names, probabilities, errors, topk=int(cfg.get("topk") or 0),
                            decisions=decisions)
     output = Path(cfg.output)
@@ -386,7 +409,12 @@ def predict(cfg) -> dict:
     if decisions.penalty is not None:
         named = sum(1 for row in rows if row["class"] in set(model.unseen_class_names))
         print(f"Zero-shot: {named} images named as one of {len(model.unseen_class_names)} unseen classes "
-              f"(seen-class penalty {decisions.penalty:.4g})", flush=True)
+              f"(sources: {decisions.sources}, seen-class penalty {decisions.penalty:.4g})", flush=True)
+        readable = torch.tensor([not e for e in errors], dtype=torch.bool)
+        if not inputs.labelled:  # with labels, the scores below show the table with each class's right answers
+            print(openset.format_named_by(openset.named_by(decisions.predicted[readable], decisions.source[readable],
+                                                           None, len(model.class_names),
+                                                           model.unseen_class_names)), flush=True)
     if inputs.labelled:
         scores = score(inputs, model.class_names, probabilities, errors)
         scores.update(open_set_scores(inputs, decisions, errors, len(model.class_names)))
@@ -449,7 +477,8 @@ def format_scores(scores: dict) -> str:
     if zero_shot:
         lines.append(f"Zero-shot (per-class): seen {pct(zero_shot['acc_seen'])}, "
                      f"unseen {pct(zero_shot['acc_unseen'])}, H {pct(zero_shot['H'])}; "
-                     f"among the unseen classes alone {pct(zero_shot['acc_zsl'])}")
+                     f"among the unseen classes alone {pct(zero_shot['acc_zsl'])}; sources: {zero_shot['sources']}")
+        lines.append(openset.format_named_by(zero_shot["per_class"]))
     width = max((len(row["class"]) for row in scores["per_class"]), default=5)
     lines.append(f"  {'class':<{width}}  support  accuracy  precision")
     for row in scores["per_class"]:

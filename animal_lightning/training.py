@@ -159,7 +159,7 @@ def build_model(cfg: DictConfig, datamodule: AnimalDataModule) -> AnimalClassifi
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     return instantiate_checked(cfg.model, class_names=datamodule.class_names, class_weights=datamodule.loss_weights(),
                                attributes=datamodule.attribute_hparams(), resize_mode=datamodule.resize_mode,
-                               optimizer=optimizer, scheduler=scheduler)
+                               **datamodule.zero_shot_hparams(), optimizer=optimizer, scheduler=scheduler)
 
 
 def resume_in_run_folder(cfg: DictConfig) -> None:
@@ -281,6 +281,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "unusable_images": dict(sorted(datamodule.index.bad_images.items())),  # left out, with the reason
         "run_dir": str(output_dir),
     }
+    if model.unseen_class_names:  # what each zero-shot candidate was matched to, and what the test named it by
+        summary["zero_shot"] = {"sources": model.hparams.zero_shot_sources,
+                                "imagenet_map": datamodule.imagenet_matches_described(),
+                                "test_per_class": model.zero_shot_table}
     if trainer.is_global_zero:
         write_text_atomic(output_dir / "metrics.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
         report(summary)

@@ -118,7 +118,7 @@ def test_known_scores_agree_with_their_definitions():
 def test_the_calibrated_threshold_keeps_the_target_fraction(keep):
     generator = torch.Generator().manual_seed(0)
     validation = torch.randn(4000, 3, generator=generator)
-    calibration = openset.calibrate(validation, validation[:, 0] * 2)
+    calibration = openset.calibrate(validation, {"both": validation[:, 0] * 2})
     for i, method in enumerate(openset.SCORES):
         kept = (validation[:, i] >= openset.known_threshold(calibration, method, keep)).float().mean()
         assert float(kept) == pytest.approx(keep, abs=0.005)
@@ -192,7 +192,8 @@ def test_the_checkpoint_carries_attributes_and_calibration(zeroshot):
     attributes = model.hparams.attributes
     assert len(attributes["matrix"]) == 14 and len(attributes["predicates"]) == 14
     calibration = meta["calibration"]
-    assert set(calibration["score_quantiles"]) == set(openset.SCORES) and calibration["margin_quantiles"]
+    assert set(calibration["score_quantiles"]) == set(openset.SCORES)
+    assert set(calibration["stacking_quantiles"]) == {"both", "attributes"}  # no ImageNet head: ResNet-18 from scratch
     assert calibration["images"] == 10 * 15  # the 15% validation split of 100 images per class
 
 

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from animal_lightning.data.attributes import AttributeTable, load_attributes
 from animal_lightning.data.datasets import ImageSamples, MixCollate
 from animal_lightning.data.folders import DatasetIndex, index_dataset
+from animal_lightning.data.imagenet_names import Match, imagenet_names, match_classes, read_class_map
 from animal_lightning.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
 from animal_lightning.data.transforms import RESIZE_MODES, PreprocessSpec, eval_transform, train_transform
 from animal_lightning.data.workers import default_num_workers, worker_context, worker_init
@@ -62,6 +63,8 @@ class AnimalDataModule(LightningDataModule):
         pin_memory: bool | str = "auto",
         attributes: str | None = None,
         attribute_files: dict | None = None,
+        unseen_classes: list[str] | None = None,  # zero-shot candidates without attributes (ImageNet knowledge)
+        class_map: str | None = None,  # a file of "<class>: <ImageNet classes>" lines, overriding the WordNet match
     ):
         super().__init__()
         if balance not in BALANCE_MODES:
@@ -86,6 +89,12 @@ class AnimalDataModule(LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory == "auto" else bool(pin_memory)
         self.attributes = attributes
         self.attribute_files = dict(attribute_files or {})
+        if isinstance(unseen_classes, str):
+            raise DataError(f"data.unseen_classes={unseen_classes!r} must be a list: "
+                            f"data.unseen_classes=[{unseen_classes}]")
+        self.unseen_classes = [str(name) for name in unseen_classes or []]
+        self.class_map = class_map
+        self._matches: dict[str, Match] | None = None
         self.preprocess: PreprocessSpec | None = None
         self._index: DatasetIndex | None = None
         self._attribute_table: AttributeTable | None = None
@@ -134,11 +143,60 @@ class AnimalDataModule(LightningDataModule):
         return table.to_dict(self.class_names) if table else None
 
     @property
-    def novel_class_names(self) -> list[str]:
-        """Labelled test classes without training images: the attribute table's unseen classes first (the
-        model's zero-shot order), then any others. Their test labels are len(class_names) + position."""
+    def unseen_candidates(self) -> list[str]:
+        """Classes without training images that prediction may name: the attribute table's, then the others of
+        data.unseen_classes (ImageNet knowledge only)."""
         table = self.attribute_table
         first = table.unseen(self.class_names) if table else []
+        seen = set(self.class_names)
+        if seen & set(self.unseen_classes):
+            raise DataError(f"data.unseen_classes lists {', '.join(sorted(seen & set(self.unseen_classes)))}, which "
+                            f"have training images in {self.root / 'train'}: list only classes without one")
+        return first + [name for name in dict.fromkeys(self.unseen_classes) if name not in first]
+
+    @property
+    def imagenet_matches(self) -> dict[str, Match]:
+        """Every seen and candidate class's ImageNet classes (WordNet match, or data.class_map's line), logged
+        once for the candidates. A data.unseen_classes name with neither a match nor attributes is refused."""
+        if self._matches is None:
+            candidates = self.unseen_candidates
+            overrides = None
+            if self.class_map:
+                path = Path(self.class_map).expanduser()
+                overrides = read_class_map(path if path.is_absolute() else self.root / path)
+            self._matches = match_classes(self.class_names, candidates, overrides)
+            table = self.attribute_table
+            with_attributes = set(table.classes) if table else set()
+            blind = [name for name in candidates if not self._matches[name].indices and name not in with_attributes]
+            if blind:
+                raise DataError(f"data.unseen_classes: {', '.join(blind[:5])} match no ImageNet class and have no "
+                                "attribute row: map them in a data.class_map file ('<class>: <ImageNet class>'), "
+                                "give them attributes, or leave them out")
+            if candidates:
+                log.info("unseen classes and what names them:\n%s", "\n".join(
+                    "  " + self._matches[name].describe(imagenet_names())
+                    + (" + attributes" if name in with_attributes else "") for name in candidates))
+        return self._matches
+
+    def zero_shot_hparams(self) -> dict:
+        """The model's unseen_classes and imagenet_map arguments (plain data, saved in checkpoints)."""
+        table = self.attribute_table
+        extra = [name for name in self.unseen_candidates if not table or name not in table.classes]
+        if not extra and not self.unseen_candidates:
+            return {"unseen_classes": None, "imagenet_map": None}
+        mapped = {name: list(match.indices) for name, match in self.imagenet_matches.items() if match.indices}
+        return {"unseen_classes": extra or None, "imagenet_map": mapped or None}
+
+    def imagenet_matches_described(self) -> dict[str, str]:
+        """For metrics.json: each unseen candidate's ImageNet classes, in words."""
+        names = imagenet_names()
+        return {name: self.imagenet_matches[name].describe(names) for name in self.unseen_candidates}
+
+    @property
+    def novel_class_names(self) -> list[str]:
+        """Labelled test classes without training images: the zero-shot candidates first (the model's order),
+        then any others. Their test labels are len(class_names) + position."""
+        first = self.unseen_candidates
         others = sorted({name for _, name in self.index.novel_test} - set(first))
         return first + others
 
@@ -243,10 +301,10 @@ class SyntheticAnimalDataModule(AnimalDataModule):
 
     def __init__(self, root: str | os.PathLike = "data/synthetic", num_classes: int = 10,
                  train_per_class: int = 100, test_per_class: int = 20, image_size: int = 64,
-                 unseen_classes: int = 0, seed: int = 0, **kwargs):
+                 held_out_classes: int = 0, seed: int = 0, **kwargs):
         self.spec = SyntheticSpec(num_classes=int(num_classes), train_per_class=int(train_per_class),
                                   test_per_class=int(test_per_class), image_size=int(image_size),
-                                  unseen_classes=int(unseen_classes), seed=int(seed))
+                                  unseen_classes=int(held_out_classes), seed=int(seed))
         self.parent = Path(root).expanduser()
         super().__init__(root=self.parent / self.spec.key(), **kwargs)
 

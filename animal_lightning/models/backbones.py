@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
 from torch import nn
 from torchvision import models as tvm
 
@@ -73,12 +74,18 @@ TIMM_ZOO = {"inception_v4": ("inception_v4", 75),
             **{name: (entry.timm_name, 32) for name, entry in PACKAGED.items()}}
 
 
+IMAGENET_CLASSES = 1000  # the ImageNet-1k heads whose classes data/imagenet_names.py can name
+
+
 @dataclass
 class Backbone:
     net: nn.Module
     spec: PreprocessSpec
     head_names: tuple[str, ...]
     cam_layer: str | None  # dotted path of the layer Grad-CAM explains (None: no feature layer known)
+    # the pretrained ImageNet-1k classifier (weight 1000 x D, bias 1000) as it was before the new head replaced
+    # it: what the network knew of ImageNet's classes. None without loaded ImageNet-1k weights.
+    imagenet_head: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def head_parameters(self) -> list[nn.Parameter]:
         return [p for name in self.head_names for p in self.net.get_submodule(name).parameters()]
@@ -166,6 +173,15 @@ def _weights_file(name: str) -> str:
     return os.path.basename(recipe.weights.DEFAULT.url) if recipe.weights else f"a {name} state dict you trained"
 
 
+def _imagenet_head(net: nn.Module, head: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A frozen copy of the pretrained head when it is an ImageNet-1k classifier (a Linear with 1000 outputs)."""
+    layer = net.get_submodule(head)
+    if not isinstance(layer, nn.Linear) or layer.out_features != IMAGENET_CLASSES:
+        return None
+    bias = layer.bias if layer.bias is not None else torch.zeros(IMAGENET_CLASSES)
+    return layer.weight.detach().clone().float(), bias.detach().clone().float()
+
+
 def _replace_heads(net: nn.Module, heads: tuple[str, ...], num_classes: int) -> None:
     for dotted in heads:
         parent_name, _, child = dotted.rpartition(".")
@@ -224,8 +240,10 @@ def create_backbone(name: str, num_classes: int, *, pretrained: bool = False,
                 "elsewhere and set model.weights_path=/path/to/it") from error
     else:
         net = _build(recipe, **recipe.scratch_kwargs, **size_kwargs)
+    imagenet_head = _imagenet_head(net, recipe.heads[0]) if with_weights and load_weights else None
     _replace_heads(net, recipe.heads, num_classes)
-    return Backbone(net=net, spec=spec, head_names=recipe.heads, cam_layer=recipe.cam_layer)
+    return Backbone(net=net, spec=spec, head_names=recipe.heads, cam_layer=recipe.cam_layer,
+                    imagenet_head=imagenet_head)
 
 
 def _first_line(error: Exception) -> str:
@@ -294,6 +312,8 @@ def _create_timm(name: str, num_classes: int, *, pretrained: bool, weights_path,
     heads = tuple(str(h) for h in heads if h)
     if weights_path and load_weights:
         _load_local_weights(net, name, weights_path)
+    loaded = bool(pretrained or weights_path) and load_weights
+    imagenet_head = _imagenet_head(net, heads[0]) if loaded and heads else None
     net.reset_classifier(num_classes)
     if not heads or not all(isinstance(net.get_submodule(h), nn.Linear) for h in heads):
         raise ModelConfigError(f"{name}: its classifier {heads} is not a Linear layer; choose another timm model")
@@ -301,4 +321,4 @@ def _create_timm(name: str, num_classes: int, *, pretrained: bool, weights_path,
     # Grad-CAM reads N x C x H x W maps (or transformer tokens); channels-last stages (Swin) are not explained
     channels_first = str(getattr(net, "output_fmt", "NCHW")).upper() == "NCHW"
     cam_layer = str(feature_info[-1]["module"]) if feature_info and channels_first else None
-    return Backbone(net=net, spec=spec, head_names=heads, cam_layer=cam_layer)
+    return Backbone(net=net, spec=spec, head_names=heads, cam_layer=cam_layer, imagenet_head=imagenet_head)

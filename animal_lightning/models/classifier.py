@@ -35,7 +35,7 @@ from animal_lightning.checkpoints import (
 from animal_lightning.data.transforms import RESIZE_MODES, PreprocessSpec
 from animal_lightning.errors import CheckpointError, ModelConfigError
 from animal_lightning.models import openset, probe
-from animal_lightning.models.backbones import create_backbone
+from animal_lightning.models.backbones import IMAGENET_CLASSES, create_backbone
 from animal_lightning.models.metrics import PerImageScores, eval_metrics
 from animal_lightning.models.optim import parameter_groups
 from animal_lightning.quiet import quiet_lightning
@@ -67,6 +67,10 @@ class AnimalClassifier(LightningModule):
         attribute_loss_weight: float = 1.0,
         open_set_score: str = "msp",
         open_set_keep: float = 0.95,
+        unseen_classes: list[str] | None = None,  # zero-shot candidates without attributes (ImageNet knowledge only)
+        imagenet_map: dict | None = None,  # class name -> ImageNet-1k class indices (data/imagenet_names.py)
+        imagenet_knowledge: bool = True,  # keep the pretrained ImageNet head to name unseen classes
+        zero_shot_sources: str = "both",  # which sources name unseen classes: both | imagenet | attributes
         resize_mode: str = "crop",  # data.resize_mode: how evaluation fits an image to the square (crop | squash)
         load_weights: bool = True,  # False: the checkpoint being restored has the weights; fetch none
     ):
@@ -80,6 +84,9 @@ class AnimalClassifier(LightningModule):
             if len(class_weights) != len(class_names):
                 raise ValueError(f"{len(class_weights)} class weights for {len(class_names)} classes")
         attributes = _plain_attributes(attributes, class_names)
+        unseen_classes = [str(name) for name in unseen_classes or []
+                          if not attributes or str(name) not in attributes["unseen"]]
+        imagenet_map = _plain_imagenet_map(imagenet_map)
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "load_weights"])
         if open_set_score not in openset.SCORES:  # a typo fails here, before any training
             raise ModelConfigError(f"model.open_set_score={open_set_score!r} is not one of: "
@@ -90,6 +97,12 @@ class AnimalClassifier(LightningModule):
             raise ModelConfigError(f"model.open_set_keep={open_set_keep} must be between 0 and 1 (e.g. 0.95)")
         if resize_mode not in RESIZE_MODES:
             raise ModelConfigError(f"data.resize_mode={resize_mode!r} is not one of: {', '.join(RESIZE_MODES)}")
+        if zero_shot_sources not in openset.SOURCE_MODES:
+            raise ModelConfigError(f"model.zero_shot_sources={zero_shot_sources!r} is not one of: "
+                                   f"{', '.join(openset.SOURCE_MODES)}")
+        if set(unseen_classes) & set(class_names):
+            raise ModelConfigError(f"data.unseen_classes lists {sorted(set(unseen_classes) & set(class_names))}, which "
+                                   "have training images: list only classes without a train/ folder")
         built = create_backbone(backbone, len(class_names), pretrained=pretrained, weights_path=weights_path,
                                 image_size=image_size, load_weights=load_weights)
         self.net = built.net
@@ -103,6 +116,8 @@ class AnimalClassifier(LightningModule):
         self.cam_layer_name = built.cam_layer  # Grad-CAM's target layer, named by the backbone factory
         self.calibration: dict | None = None  # open-set and stacking quantiles from the last validation
         self.probe_result: dict | None = None  # what head_init=probe fitted (l2, val_acc, images, seconds)
+        self.zero_shot_table: list[dict] | None = None  # the last test's per-unseen-class answers (openset.named_by)
+        self._keep_imagenet_head(built.imagenet_head, load_weights)
         attributes = self.hparams.attributes
         if attributes:
             # The image features are the classifier head's input (the factory names the head): see run().
@@ -137,13 +152,70 @@ class AnimalClassifier(LightningModule):
 
     @property
     def unseen_class_names(self) -> list[str]:
-        """Classes known only by their attributes (no training images): zero-shot candidates."""
+        """Classes without training images, the zero-shot candidates: those with attributes, then those named by
+        data.unseen_classes alone (ImageNet knowledge only)."""
+        return self.attribute_unseen_names + list(self.hparams.unseen_classes or [])
+
+    @property
+    def attribute_unseen_names(self) -> list[str]:
+        """The unseen classes with attributes: the first unseen columns of compat."""
         return list(self.hparams.attributes["unseen"]) if self.hparams.attributes else []
 
     @property
     def all_class_names(self) -> list[str]:
-        """Seen then unseen: the columns of the compatibility scores and the generalized zero-shot labels."""
+        """Seen then unseen: the generalized zero-shot labels (compat's columns are a prefix of them)."""
         return self.class_names + self.unseen_class_names
+
+    @property
+    def zero_shot_modes(self) -> list[str]:
+        """The source modes this model can name unseen classes with (openset.SOURCE_MODES), "both" first."""
+        modes = []
+        if self.has_imagenet_evidence:
+            modes.append("imagenet")
+        if self.attribute_unseen_names:
+            modes.append("attributes")
+        return ["both", *modes] if modes else []
+
+    @property
+    def has_imagenet_evidence(self) -> bool:
+        return hasattr(self, "imagenet_members")
+
+    def _keep_imagenet_head(self, head: tuple[torch.Tensor, torch.Tensor] | None, load_weights: bool) -> None:
+        """What the pretrained network knew of ImageNet's classes, kept as frozen buffers (saved in checkpoints):
+        the original head, and which of its classes each unseen class stands for (hparams.imagenet_map)."""
+        requested = bool(self.hparams.imagenet_knowledge)
+        if not load_weights:  # restoring: the checkpoint says whether it kept the head, and has its values
+            keeps = requested
+            if keeps:
+                features = self.class_head.in_features
+                head = (torch.zeros(IMAGENET_CLASSES, features), torch.zeros(IMAGENET_CLASSES))
+        else:
+            keeps = requested and head is not None
+            if requested and head is None and (self.hparams.pretrained or self.hparams.weights_path):
+                log.info("%s: its pretrained head is not an ImageNet-1k classifier: no ImageNet knowledge for "
+                         "unseen classes", self.hparams.backbone)
+        self.hparams.imagenet_knowledge = keeps  # what the checkpoint records: whether the buffers exist
+        names = self.unseen_class_names
+        mapped = {name: self.hparams.imagenet_map.get(name) for name in names} if self.hparams.imagenet_map else {}
+        blind = [name for name in self.hparams.unseen_classes if not (keeps and mapped.get(name))]
+        if blind:
+            why = "the model keeps no ImageNet head (it needs model.pretrained=true with ImageNet weights and " \
+                "model.imagenet_knowledge=true)" if not keeps else "they match no ImageNet class"
+            raise ModelConfigError(f"unseen classes {', '.join(blind[:5])} have no attributes and {why}: give them "
+                                   "attribute rows (data.attributes) or ImageNet classes (data.class_map), or drop "
+                                   "them from data.unseen_classes")
+        if keeps:
+            self.register_buffer("imagenet_weight", head[0].float())
+            self.register_buffer("imagenet_bias", head[1].float())
+        if keeps and any(mapped.values()):
+            members = torch.zeros(len(names), IMAGENET_CLASSES)
+            for k, name in enumerate(names):
+                members[k, list(mapped.get(name) or [])] = 1.0
+            self.register_buffer("imagenet_members", members, persistent=False)
+        modes = self.zero_shot_modes
+        if self.hparams.zero_shot_sources not in modes and names:
+            raise ModelConfigError(f"model.zero_shot_sources={self.hparams.zero_shot_sources} but this model can "
+                                   f"only use: {', '.join(modes) or 'none'}")
 
     # -- forward and loss ---------------------------------------------------------------------------
     @property
@@ -160,8 +232,9 @@ class AnimalClassifier(LightningModule):
 
     def run(self, images: torch.Tensor) -> tuple[Any, torch.Tensor | None]:
         """The network's raw output (Inception v3 in training: logits and aux_logits) and, with an attribute
-        head, the image features it reads (what the class head received, N x D); None without one."""
-        if not self.hparams.attributes:
+        head or the ImageNet head, the image features they read (what the class head received, N x D); None
+        without either."""
+        if not self.hparams.attributes and not self.hparams.imagenet_knowledge:
             return self.net(self._prepare(images)), None
         with probe.capture_inputs(self.class_head) as captured:
             output = self.net(self._prepare(images))
@@ -188,6 +261,15 @@ class AnimalClassifier(LightningModule):
             predicted = F.normalize(torch.sigmoid(attribute_logits.float()), dim=1)
             scale = self.attribute_logit_scale.float().exp().clamp(max=100.0)
             return scale * predicted @ self.class_attributes.T
+
+    def imagenet_evidence(self, features: torch.Tensor | None) -> torch.Tensor | None:
+        """N x unseen: the pretrained ImageNet head's probability mass on each unseen class's ImageNet classes
+        (0 for a class without any); None without ImageNet knowledge of any unseen class."""
+        if features is None or not self.has_imagenet_evidence:
+            return None
+        with torch.autocast(self.device.type, enabled=False):
+            logits = features.float() @ self.imagenet_weight.T + self.imagenet_bias
+            return torch.softmax(logits, dim=1) @ self.imagenet_members.T
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy against class indices, or against class probabilities (mixed batches)."""
@@ -227,13 +309,15 @@ class AnimalClassifier(LightningModule):
         output, features = self.run(images)
         logits = _logits(output)
         compat = self.compatibility(self.attribute_logits(features))
+        probabilities = torch.softmax(logits.float(), dim=1) if self.unseen_class_names else None
         num_seen = len(self.class_names)
         seen = targets < num_seen
         if seen.any():
             # a metric, not self.log: summed over the ranks once, at the epoch's end (none of them may skip it)
             self.eval_loss[stage].update(self._loss(logits[seen], targets[seen]).detach(), weight=int(seen.sum()))
             metrics.update(logits[seen], targets[seen])
-        self.image_scores[stage].update(openset.known_scores(logits), logits.argmax(1), targets, compat)
+        self.image_scores[stage].update(openset.known_scores(logits), logits.argmax(1), targets, compat,
+                                        probabilities, self.imagenet_evidence(features))
         return {"logits": logits.detach(), "targets": targets}
 
     def _gathered(self, stage: str) -> dict[str, torch.Tensor]:
@@ -250,10 +334,10 @@ class AnimalClassifier(LightningModule):
         if not stats:
             return
         num_seen = len(self.class_names)
-        compat = stats.get("compat")
-        margins = openset.stacking_margin(compat, num_seen) if compat is not None and self.unseen_class_names \
-            else None
+        margins = {mode: openset.stacking_margin(self.zero_shot_scores(stats, mode)[0], num_seen)
+                   for mode in self.zero_shot_modes}
         self.calibration = openset.calibrate(stats["scores"], margins)
+        compat = stats.get("compat")
         if compat is not None:
             hits = compat[:, :num_seen].argmax(1) == stats["targets"]
             self.log("val/acc_attributes", hits.float().mean())  # how well attributes alone name seen classes
@@ -270,13 +354,26 @@ class AnimalClassifier(LightningModule):
         known_score = stats["scores"][:, openset.SCORES.index(method)]
         report = openset.open_set_report(known_score, stats["targets"], num_seen, threshold)
         values = {"auroc_unknown": report["auroc"], "novel_flagged_unknown": report.get("novel_flagged_unknown")}
-        compat = stats.get("compat")
-        if compat is not None and self.unseen_class_names and self.calibration:
-            predicted = openset.gzsl_predict(stats["predicted"], compat, num_seen,
-                                             openset.seen_penalty(self.calibration, keep))
+        mode = self.hparams.zero_shot_sources
+        if self.unseen_class_names and self.calibration and mode in (self.calibration.get("stacking_quantiles") or {}):
+            stacked, source = self.zero_shot_scores(stats, mode)
+            predicted = openset.gzsl_predict(stats["predicted"], stacked, num_seen,
+                                             openset.seen_penalty(self.calibration, keep, mode))
             values.update(openset.zero_shot_report(predicted, stats["targets"], num_seen, len(self.all_class_names),
-                                                   openset.best_unseen(compat, num_seen)))
+                                                   openset.best_unseen(stacked, num_seen)))
+            self.zero_shot_table = openset.named_by(predicted, source, stats["targets"], num_seen,
+                                                    self.unseen_class_names)
+            log.info("zero-shot on the test set (sources: %s), per unseen class:\n%s", mode,
+                     openset.format_named_by(self.zero_shot_table))
         return {f"test/{name}": value for name, value in values.items() if value is not None}
+
+    def zero_shot_scores(self, values: dict[str, torch.Tensor], mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Calibrated stacking's scores (N x seen+unseen log-probabilities, before the penalty) and each unseen
+        class's source (N x unseen) from outputs() or the per-image scores: probabilities, compat, imagenet."""
+        num_seen = len(self.class_names)
+        unseen, source = openset.unseen_evidence(values.get("compat"), values.get("imagenet"), num_seen,
+                                                 len(self.unseen_class_names), mode)
+        return openset.stacked_scores(values["probabilities"], unseen), source
 
     def validation_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         return self._evaluate(batch, self.val_metrics, "val")
@@ -313,22 +410,26 @@ class AnimalClassifier(LightningModule):
 
     def outputs(self, images: torch.Tensor, tta: str | None = None) -> dict[str, torch.Tensor]:
         """What prediction needs of a batch: probabilities (N x classes), the three open-set scores (N x 3),
-        and with attributes the compatibility with every seen and unseen class (N x seen+unseen).
+        with attributes the compatibility with every seen class and unseen class that has attributes, and with
+        ImageNet knowledge of unseen classes their ImageNet evidence (imagenet, N x unseen).
         tta="hflip" averages each over the image and its mirror."""
         if tta not in (None, "hflip"):
             raise ValueError(f"tta={tta!r} is not one of: None, hflip")
         views = [images, images.flip(-1)] if tta == "hflip" else [images]
-        probabilities, logits, compat = [], [], []
+        probabilities, logits, compat, imagenet = [], [], [], []
         for view in views:
             output, features = self.run(view)
             out = _logits(output).float()
             probabilities.append(torch.softmax(out, dim=1))
             logits.append(out)
             compat.append(self.compatibility(self.attribute_logits(features)))
+            imagenet.append(self.imagenet_evidence(features))
         result = {"probabilities": torch.stack(probabilities).mean(0),
                   "scores": openset.known_scores(torch.stack(logits).mean(0))}
         if compat[0] is not None:
             result["compat"] = torch.stack(compat).mean(0)
+        if imagenet[0] is not None:
+            result["imagenet"] = torch.stack(imagenet).mean(0)
         return result
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
@@ -447,6 +548,7 @@ class AnimalClassifier(LightningModule):
         hparams = dict(checkpoint["hyper_parameters"])
         # checkpoints from before resize_mode was a model argument: the mode their recorded preprocessing used
         hparams.setdefault("resize_mode", PreprocessSpec.from_dict(meta["preprocess"]).resize_mode)
+        hparams.setdefault("imagenet_knowledge", False)  # from before the ImageNet head was kept
         model = cls(**hparams, load_weights=False)
         result = model.load_state_dict(checkpoint["state_dict"], strict=False)
         if result.missing_keys or result.unexpected_keys:
@@ -477,6 +579,17 @@ def _plain_attributes(attributes: dict | None, class_names: list[str]) -> dict |
                                f"expected {len(seen) + len(unseen)} classes x {len(predicates)} attributes")
     return {"predicates": predicates, "seen": seen, "unseen": unseen, "matrix": matrix,
             "source": str(attributes.get("source", ""))}
+
+
+def _plain_imagenet_map(imagenet_map: dict | None) -> dict | None:
+    """{class name: [ImageNet-1k class indices]} as plain lists, each index checked."""
+    if not imagenet_map:
+        return None
+    plain = {str(name): sorted({int(i) for i in indices}) for name, indices in dict(imagenet_map).items()}
+    for name, indices in plain.items():
+        if any(not 0 <= i < IMAGENET_CLASSES for i in indices):
+            raise ModelConfigError(f"model.imagenet_map[{name!r}] has an index outside 0-{IMAGENET_CLASSES - 1}")
+    return plain
 
 
 def _attribute_targets(matrix: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:

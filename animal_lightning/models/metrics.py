@@ -60,12 +60,13 @@ def eval_metrics(num_classes: int, prefix: str) -> MetricCollection:
 
 
 class PerImageScores(Metric):
-    """Every evaluated image's open-set scores (N x 3), predicted class, target and, with attributes, its
-    compatibility with every class: what the calibration and the open-set report are computed from.
+    """Every evaluated image's open-set scores (N x 3), predicted class, target and, with unseen classes, what
+    names them (attribute compatibility, class probabilities, ImageNet evidence): what the calibration and the
+    open-set report are computed from.
     Under DDP torchmetrics gathers them from every process (rank order), so each rank sees all images."""
 
     full_state_update = False
-    FIELDS = ("scores", "predicted", "targets", "compat")
+    FIELDS = ("scores", "predicted", "targets", "compat", "probabilities", "imagenet")
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -73,12 +74,14 @@ class PerImageScores(Metric):
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
     def update(self, scores: torch.Tensor, predicted: torch.Tensor, targets: torch.Tensor,
-               compat: torch.Tensor | None = None) -> None:
+               compat: torch.Tensor | None = None, probabilities: torch.Tensor | None = None,
+               imagenet: torch.Tensor | None = None) -> None:
         self.scores.append(scores.float())
         self.predicted.append(predicted.long())
         self.targets.append(targets.long())
-        if compat is not None:
-            self.compat.append(compat.float())
+        for name, value in (("compat", compat), ("probabilities", probabilities), ("imagenet", imagenet)):
+            if value is not None:
+                getattr(self, name).append(value.float())
 
     def compute(self) -> dict[str, torch.Tensor]:
         """The fields as CPU tensors, images in order; a field nobody updated (compat without attributes) is left

@@ -7,10 +7,15 @@ prediction (flags and names images), so that both sides compute exactly the same
   known. `msp` is the maximum softmax probability (Hendrycks & Gimpel 2017), `maxlogit` the largest
   logit, `energy` the log-sum-exp of the logits (Liu et al. 2020). The threshold that flags an image
   `unknown` is a quantile of the validation images' scores: keep=0.95 keeps 95% of seen-class images.
-- Calibrated stacking (Chao et al. 2016): with an attribute head, the compatibility of an image
-  with every class (seen and unseen) is compared after subtracting a penalty from the seen classes'
-  scores. The penalty is also a validation quantile: the margin (best seen - best unseen) that keeps
-  the same fraction of seen-class validation images seen.
+- Zero-shot evidence for the classes without training images comes from two sources: the
+  pretrained network's own ImageNet head (the probability mass of the ImageNet classes a class name
+  stands for, data/imagenet_names.py: a direct match, or through a hypernym the sum over the
+  ImageNet classes below it, as in ConSE) and the attribute head (softmax of the compatibility over
+  every class). A class known to both takes the larger; each answer remembers which source gave it.
+- Calibrated stacking (Chao et al. 2016): every class gets a log-probability (seen classes: the
+  trained classifier's; unseen: their evidence), and the seen classes' are lowered by a penalty
+  before the argmax. The penalty is a validation quantile: the margin (best seen - best unseen) that
+  keeps the same fraction of seen-class validation images seen.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ from animal_lightning.models.metrics import MeanClassRecall
 
 SCORES = ("msp", "maxlogit", "energy")
 QUANTILE_POINTS = 201  # the calibration keeps each score's distribution at every 0.5%
+SOURCE_MODES = ("both", "imagenet", "attributes")  # which sources name unseen classes (model.zero_shot_sources)
+SOURCES = ("imagenet", "attributes")  # a zero-shot answer's source: its index here (-1: the trained classifier)
+_FLOOR = 1e-12  # the smallest probability stacking takes the log of: a class without evidence scores log(1e-12)
 
 
 def known_scores(logits: torch.Tensor) -> torch.Tensor:
@@ -55,11 +63,46 @@ def value_at(table: Sequence[float], fraction: float) -> float:
     return float(table[low] + (table[high] - table[low]) * (position - low))
 
 
-def calibrate(scores: torch.Tensor, margins: torch.Tensor | None) -> dict:
-    """What validation teaches: each score's and the stacking margin's distribution on seen-class images."""
+def unseen_evidence(compat: torch.Tensor | None, imagenet: torch.Tensor | None, num_seen: int, num_unseen: int,
+                    mode: str = "both") -> tuple[torch.Tensor, torch.Tensor]:
+    """Each unseen class's probability for each image (N x unseen) and its source (index into SOURCES, -1: none).
+
+    compat: N x (seen + the unseen classes with attributes, which come first among the unseen); its softmax over
+    all those classes is the attribute source. imagenet: N x unseen, the ImageNet head's probability mass on each
+    class's ImageNet classes (0 for a class without any). mode picks the sources (SOURCE_MODES); a class known
+    to both takes the larger probability.
+    """
+    if mode not in SOURCE_MODES:
+        raise ValueError(f"zero-shot sources {mode!r} is not one of: {', '.join(SOURCE_MODES)}")
+    present = [t for t in (compat, imagenet) if t is not None]
+    rows = present[0].shape[0] if present else 0
+    probability = torch.zeros(rows, num_unseen)
+    source = torch.full((rows, num_unseen), -1, dtype=torch.long)
+    if compat is not None and mode in ("both", "attributes"):
+        attributes = torch.softmax(compat.float(), dim=1)[:, num_seen:].cpu()
+        probability[:, : attributes.shape[1]] = attributes
+        source[:, : attributes.shape[1]] = SOURCES.index("attributes")
+    if imagenet is not None and mode in ("both", "imagenet"):
+        imagenet = imagenet.float().cpu()
+        better = imagenet > probability
+        probability = torch.where(better, imagenet, probability)
+        source = torch.where(better, SOURCES.index("imagenet"), source)
+    return probability, source
+
+
+def stacked_scores(seen_probabilities: torch.Tensor, unseen_probabilities: torch.Tensor) -> torch.Tensor:
+    """N x (seen + unseen) log-probabilities: the classifier's for the seen classes, the evidence for the unseen."""
+    joined = torch.cat([seen_probabilities.float().cpu(), unseen_probabilities.float()], dim=1)
+    return joined.clamp_min(_FLOOR).log()
+
+
+def calibrate(scores: torch.Tensor, margins: dict[str, torch.Tensor] | None = None) -> dict:
+    """What validation teaches: each score's distribution on seen-class images and, per zero-shot source mode,
+    the stacking margin's."""
+    stacking = {mode: quantile_table(values) for mode, values in (margins or {}).items() if len(values)}
     return {"images": int(scores.shape[0]),
             "score_quantiles": {name: quantile_table(scores[:, i]) for i, name in enumerate(SCORES)},
-            "margin_quantiles": quantile_table(margins) if margins is not None and len(margins) else None}
+            "stacking_quantiles": stacking or None}
 
 
 def known_threshold(calibration: dict, method: str, keep: float) -> float:
@@ -67,31 +110,33 @@ def known_threshold(calibration: dict, method: str, keep: float) -> float:
     return value_at(calibration["score_quantiles"][method], 1.0 - keep)
 
 
-def seen_penalty(calibration: dict, keep: float) -> float:
+def seen_penalty(calibration: dict, keep: float, mode: str = "both") -> float:
     """Calibrated stacking's penalty on seen classes: `keep` of validation images still choose a seen class."""
-    if not calibration.get("margin_quantiles"):
-        raise ValueError("this calibration has no attribute margins: the model was trained without attributes")
-    return value_at(calibration["margin_quantiles"], 1.0 - keep)
+    tables = calibration.get("stacking_quantiles") or {}
+    if mode not in tables:
+        raise ValueError(f"this calibration has no stacking margins for zero-shot sources {mode!r} "
+                         f"(it has: {', '.join(tables) or 'none'})")
+    return value_at(tables[mode], 1.0 - keep)
 
 
 def gzsl_predict(seen_predicted: torch.Tensor, compat: torch.Tensor, num_seen: int, penalty: float) -> torch.Tensor:
-    """Class indices over seen + unseen classes (seen first, as in compat's columns).
+    """Class indices over seen + unseen classes (seen first, as in the columns of `compat`: scores per class,
+    such as stacked_scores()).
 
     Calibrated stacking decides seen or unseen; a seen image keeps the classifier head's choice
-    (`seen_predicted`: the head is trained on the seen classes alone and names them more accurately
-    than attributes do), an unseen one gets the unseen class whose attributes fit it best.
+    (`seen_predicted`), an unseen one gets the unseen class with the best score.
     """
     chose_seen = stacking_margin(compat, num_seen) >= penalty
     return torch.where(chose_seen, seen_predicted, best_unseen(compat, num_seen))
 
 
 def best_unseen(compat: torch.Tensor, num_seen: int) -> torch.Tensor:
-    """The unseen class whose attributes fit each image best (an index into seen + unseen classes)."""
+    """The unseen class with each image's best score (an index into seen + unseen classes)."""
     return compat[:, num_seen:].argmax(dim=1) + num_seen
 
 
 def gzsl_probabilities(compat: torch.Tensor, num_seen: int, penalty: float) -> torch.Tensor:
-    """Softmax over seen + unseen classes of the compatibility scores after calibrated stacking."""
+    """Softmax over seen + unseen classes of the scores after calibrated stacking."""
     adjusted = compat.float().clone()
     adjusted[:, :num_seen] -= penalty
     return torch.softmax(adjusted, dim=1)
@@ -156,3 +201,34 @@ def zero_shot_report(predicted: torch.Tensor, targets: torch.Tensor, num_seen: i
     if unseen_choice is not None:
         report["acc_zsl"] = mean_class_accuracy(unseen_choice, targets, range(num_seen, num_classes))
     return report
+
+
+def named_by(predicted: torch.Tensor, source: torch.Tensor, targets: torch.Tensor | None, num_seen: int,
+             unseen_names: Sequence[str]) -> list[dict]:
+    """Per unseen class: how many images were named it, by which source, and (with targets) how many of its
+    own images there were and were named right. `source` is N x unseen (unseen_evidence())."""
+    rows = []
+    for k, name in enumerate(unseen_names):
+        chosen = predicted == num_seen + k
+        row = {"class": name, "named": int(chosen.sum())}
+        for i, source_name in enumerate(SOURCES):
+            row[f"by_{source_name}"] = int((chosen & (source[:, k] == i)).sum()) if len(source) else 0
+        if targets is not None:
+            own = targets == num_seen + k
+            row["images"] = int(own.sum())
+            row["correct"] = int((own & chosen).sum())
+        rows.append(row)
+    return rows
+
+
+def format_named_by(rows: Sequence[dict]) -> str:
+    """named_by()'s rows as a table, one line per unseen class."""
+    width = max((len(row["class"]) for row in rows), default=5)
+    labelled = bool(rows) and "images" in rows[0]
+    lines = [f"  {'class':<{width}}  named  by imagenet  by attributes" + ("  images  correct" if labelled else "")]
+    for row in rows:
+        line = f"  {row['class']:<{width}}  {row['named']:>5}  {row['by_imagenet']:>11}  {row['by_attributes']:>13}"
+        if "images" in row:
+            line += f"  {row['images']:>6}  {row['correct']:>7}"
+        lines.append(line)
+    return "\n".join(lines)
