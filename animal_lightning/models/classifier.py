@@ -208,9 +208,14 @@ class AnimalClassifier(LightningModule):
             self.register_buffer("imagenet_weight", head[0].float())
             self.register_buffer("imagenet_bias", head[1].float())
         if keeps and any(mapped.values()):
-            members = torch.zeros(len(names), IMAGENET_CLASSES)
+            # one row per unseen class (its ImageNet classes), then one for every ImageNet class that no class of
+            # the model, seen or unseen, stands for: the mass attributes share out (openset.unseen_evidence)
+            members = torch.zeros(len(names) + 1, IMAGENET_CLASSES)
             for k, name in enumerate(names):
                 members[k, list(mapped.get(name) or [])] = 1.0
+            claimed = [i for indices in self.hparams.imagenet_map.values() for i in indices]
+            members[-1] = 1.0
+            members[-1, claimed] = 0.0
             self.register_buffer("imagenet_members", members, persistent=False)
         modes = self.zero_shot_modes
         if self.hparams.zero_shot_sources not in modes and names:
@@ -263,8 +268,9 @@ class AnimalClassifier(LightningModule):
             return scale * predicted @ self.class_attributes.T
 
     def imagenet_evidence(self, features: torch.Tensor | None) -> torch.Tensor | None:
-        """N x unseen: the pretrained ImageNet head's probability mass on each unseen class's ImageNet classes
-        (0 for a class without any); None without ImageNet knowledge of any unseen class."""
+        """N x (unseen + 1): the pretrained ImageNet head's probability mass on each unseen class's ImageNet classes
+        (0 for a class without any), then on the ImageNet classes no class of the model stands for; None without
+        ImageNet knowledge of any unseen class."""
         if features is None or not self.has_imagenet_evidence:
             return None
         with torch.autocast(self.device.type, enabled=False):

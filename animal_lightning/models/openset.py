@@ -11,7 +11,9 @@ prediction (flags and names images), so that both sides compute exactly the same
   pretrained network's own ImageNet head (the probability mass of the ImageNet classes a class name
   stands for, data/imagenet_names.py: a direct match, or through a hypernym the sum over the
   ImageNet classes below it, as in ConSE) and the attribute head (softmax of the compatibility over
-  every class). A class known to both takes the larger; each answer remembers which source gave it.
+  every class). ImageNet names what it knows; attributes share out the rest: the ImageNet mass that
+  no class of the model stands for, so a photo the ImageNet head calls a killer whale or a leopard
+  lends little to an attributes-only rhinoceros. Each answer remembers which source gave it.
 - Calibrated stacking (Chao et al. 2016): every class gets a log-probability (seen classes: the
   trained classifier's; unseen: their evidence), and the seen classes' are lowered by a penalty
   before the argmax. The penalty is a validation quantile: the margin (best seen - best unseen) that
@@ -68,26 +70,27 @@ def unseen_evidence(compat: torch.Tensor | None, imagenet: torch.Tensor | None, 
     """Each unseen class's probability for each image (N x unseen) and its source (index into SOURCES, -1: none).
 
     compat: N x (seen + the unseen classes with attributes, which come first among the unseen); its softmax over
-    all those classes is the attribute source. imagenet: N x unseen, the ImageNet head's probability mass on each
-    class's ImageNet classes (0 for a class without any). mode picks the sources (SOURCE_MODES); a class known
-    to both takes the larger probability.
+    all those classes is the attribute probability. imagenet: N x (unseen + 1), the ImageNet head's probability
+    mass on each unseen class's ImageNet classes (0 for a class without any), then the mass on ImageNet classes
+    that no class of the model stands for. mode picks the sources (SOURCE_MODES). With both, a class gets its
+    ImageNet mass plus its attribute probability times the unclaimed mass; the larger part names its source.
     """
     if mode not in SOURCE_MODES:
         raise ValueError(f"zero-shot sources {mode!r} is not one of: {', '.join(SOURCE_MODES)}")
     present = [t for t in (compat, imagenet) if t is not None]
     rows = present[0].shape[0] if present else 0
-    probability = torch.zeros(rows, num_unseen)
-    source = torch.full((rows, num_unseen), -1, dtype=torch.long)
+    attributes = torch.zeros(rows, num_unseen)
     if compat is not None and mode in ("both", "attributes"):
-        attributes = torch.softmax(compat.float(), dim=1)[:, num_seen:].cpu()
-        probability[:, : attributes.shape[1]] = attributes
-        source[:, : attributes.shape[1]] = SOURCES.index("attributes")
+        known = torch.softmax(compat.float(), dim=1)[:, num_seen:].cpu()
+        attributes[:, : known.shape[1]] = known
+    mass, rest = torch.zeros(rows, num_unseen), torch.ones(rows, 1)
     if imagenet is not None and mode in ("both", "imagenet"):
         imagenet = imagenet.float().cpu()
-        better = imagenet > probability
-        probability = torch.where(better, imagenet, probability)
-        source = torch.where(better, SOURCES.index("imagenet"), source)
-    return probability, source
+        mass, rest = imagenet[:, :num_unseen], imagenet[:, num_unseen:].clamp(0.0, 1.0)
+    shared = attributes * rest
+    probability = mass + shared
+    source = torch.where(mass >= shared, SOURCES.index("imagenet"), SOURCES.index("attributes"))
+    return probability, torch.where(probability > 0, source, -1)
 
 
 def stacked_scores(seen_probabilities: torch.Tensor, unseen_probabilities: torch.Tensor) -> torch.Tensor:
