@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from animal_lightning.compat import cpu_has_amx, cpu_has_avx512_bf16
 from animal_lightning.data import AnimalDataModule
 from animal_lightning.models import AnimalClassifier, openset
 from animal_lightning.prediction import collect_inputs, decide, open_set_scores, predict_outputs, score
@@ -175,8 +177,8 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as scratch:
         work = args.log_dir or Path(scratch)
-        results: dict = {"cpu": open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": \t")
-                         if Path("/proc/cpuinfo").exists() else "", "torch_threads": torch.get_num_threads()}
+        results: dict = {"cpu": platform.processor() or platform.machine(), "amx": cpu_has_amx(),
+                         "avx512_bf16": cpu_has_avx512_bf16(), "torch_threads": torch.get_num_threads()}
         table = ["| data | unseen named by | seen | unseen | H | closed-set (seen, macro) | AUROC msp |",
                  "|---|---|---|---|---|---|---|"]
         if args.part in ("caltech", "both"):
