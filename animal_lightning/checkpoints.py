@@ -119,8 +119,11 @@ def check_resumable(path: str | os.PathLike, model) -> None:
         [f"{k} is {tuple(saved[k].shape)} there and {tuple(own[k].shape)} here" for k in own
          if k in saved and tuple(saved[k].shape) != tuple(own[k].shape)]
     if differences:  # e.g. attributes switched on or off, another attribute count, another ViT input size
+        imagenet = any(k.startswith("imagenet_") for k in [*own, *saved] if (k in own) != (k in saved))
+        setting = f"model.imagenet_knowledge={str('imagenet_weight' in saved).lower()}" if imagenet \
+            else "the settings it was trained with"
         raise CheckpointError(f"checkpoint {path} does not fit this run's model ({differences[0]}; "
-                              f"{len(differences)} difference(s)): resume with the settings it was trained with, "
+                              f"{len(differences)} difference(s)): resume with {setting}, "
                               "or drop ckpt_path to start afresh")
 
 

@@ -167,7 +167,8 @@ def predict_outputs(model: AnimalClassifier, paths: Sequence[Path], *, batch_siz
                     tta: str | None = None, progress: bool = True, devices: int | str = 1,
                     num_nodes: int = 1) -> tuple[dict[str, torch.Tensor], list[str]]:
     """model.outputs() for every image, concatenated in the order of `paths`: probabilities
-    (N x classes), open-set scores (N x 3) and, with attributes, compat (N x seen+unseen); and the errors.
+    (N x classes), open-set scores (N x 3) and, with unseen classes, compat and imagenet (AnimalClassifier.outputs);
+    and the errors.
 
     devices > 1 (or num_nodes > 1) predicts with DDP: Lightning starts the other processes by running the
     same command again (or SLURM/torchrun already did); each process gets every result, in order."""
@@ -222,11 +223,12 @@ class Decisions:
 
 
 def decide(model: AnimalClassifier, outputs: dict[str, torch.Tensor], *, score: str | None = None,
-           keep: float | None = None, penalty: float | None = None, sources: str | None = None) -> Decisions:
+           keep: float | None = None, penalty: float | None = None, sources: str | None = None,
+           zero_shot_keep: float | None = None) -> Decisions:
     """Open-set flags from the known-class score, and generalized zero-shot naming of unseen classes.
 
-    score, keep, penalty and sources default to the checkpoint's (model.open_set_*, model.zero_shot_sources
-    and its validation calibration).
+    score, keep, penalty, sources and zero_shot_keep default to the checkpoint's (model.open_set_*,
+    model.zero_shot_* and its validation calibration).
     """
     score = score or model.hparams.open_set_score
     keep = float(keep if keep is not None else model.hparams.open_set_keep)
@@ -234,6 +236,9 @@ def decide(model: AnimalClassifier, outputs: dict[str, torch.Tensor], *, score: 
         raise DataError(f"open_set_score={score!r} is not one of: {', '.join(openset.SCORES)}")
     if not 0.0 < keep < 1.0:
         raise DataError(f"open_set_keep={keep} must be between 0 and 1 (e.g. 0.95)")
+    zero_shot_keep = float(zero_shot_keep if zero_shot_keep is not None else model.hparams.zero_shot_keep)
+    if not 0.0 < zero_shot_keep < 1.0:
+        raise DataError(f"zero_shot_keep={zero_shot_keep} must be between 0 and 1 (e.g. 0.98)")
     probabilities = outputs["probabilities"]
     known = outputs["scores"][:, openset.SCORES.index(score)]
     calibration = model.calibration
@@ -245,13 +250,16 @@ def decide(model: AnimalClassifier, outputs: dict[str, torch.Tensor], *, score: 
     unseen_choice = source = None
     if model.unseen_class_names and modes:
         if sources not in modes:
-            raise DataError(f"zero_shot_sources={sources!r} is not one this model has: {', '.join(modes)}")
+            raise DataError(f"zero_shot_sources={sources!r} is not one this model has: {', '.join(modes)} "
+                            "(or null for the checkpoint's)")
         if penalty is None:
             if sources not in ((calibration or {}).get("stacking_quantiles") or {}):
-                raise CheckpointError("the checkpoint has no zero-shot calibration for these sources (it was saved "
-                                      "before any validation, or by an older version): pass seen_penalty=<number> "
-                                      "or use a later checkpoint")
-            penalty = openset.seen_penalty(calibration, keep, sources)
+                older = bool((calibration or {}).get("margin_quantiles"))  # stacking on attribute scores
+                why = "was calibrated by an older version, on another scale: train it again" if older else \
+                    "has no zero-shot calibration (it was saved before any validation): use a later checkpoint"
+                raise CheckpointError(f"the checkpoint {why}, or pass seen_penalty=<number> (a log-probability "
+                                      "margin, e.g. 2)")
+            penalty = openset.seen_penalty(calibration, zero_shot_keep, sources)
         num_seen = len(model.class_names)
         stacked, source = model.zero_shot_scores(outputs, sources)
         predicted = openset.gzsl_predict(predicted, stacked, num_seen, float(penalty))
@@ -394,7 +402,8 @@ def predict(cfg) -> dict:
         return {"images": len(inputs.paths), "rank": rank_zero_only.rank}
     probabilities = outputs["probabilities"]
     decisions = decide(model, outputs, score=cfg.get("open_set_score"), keep=cfg.get("open_set_keep"),
-                       penalty=cfg.get("seen_penalty"), sources=cfg.get("zero_shot_sources"))
+                       penalty=cfg.get("seen_penalty"), sources=cfg.get("zero_shot_sources"),
+                       zero_shot_keep=cfg.get("zero_shot_keep"))
     rows = prediction_rows(inputs, model.class_names, probabilities, errors, topk=int(cfg.get("topk") or 0),
                            decisions=decisions)
     output = Path(cfg.output)

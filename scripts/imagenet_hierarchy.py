@@ -1,9 +1,10 @@
-"""Write the WordNet 3.0 noun hierarchy above the 1000 ImageNet-1k classes as a small TSV file.
+"""Write the WordNet 3.0 noun hierarchy above the 1000 ImageNet-1k classes, and every animal, as a small TSV file.
 
 ImageNet-1k class ids are WordNet 3.0 noun synset offsets written as 'n' + 8 digits (n02480855 = gorilla). This
 script reads WordNet's ``data.noun``, starts from the 1000 ImageNet synsets, follows hypernym pointers ('@', and
-'@i' for instance hypernyms) to collect every ancestor (all parents where a synset has several), and writes one line
-per synset of that closure, sorted by wnid::
+'@i' for instance hypernyms) to collect every ancestor (all parents where a synset has several), adds every synset
+below "animal" (n00015388: so that a name with an animal sense, such as mouse or mole, is known to have one even when
+no ImageNet class is that animal), and writes one line per synset, sorted by wnid::
 
     wnid<TAB>parent wnids separated by spaces (empty for the root)<TAB>lemmas separated by ', '
 
@@ -40,6 +41,7 @@ USAGE = (
     "--synsets <timm/data/_info/imagenet_synsets.txt> --output animal_lightning/data/imagenet_hierarchy.tsv"
 )
 HYPERNYM_SYMBOLS = frozenset({"@", "@i"})
+ANIMAL = "n00015388"
 LEMMA_MARKER = re.compile(r"\((a|p|ip)\)$")
 LICENSE_LINE = re.compile(rb"^  \d+ ?(.*?)\s*$")
 
@@ -121,9 +123,25 @@ def closure(synsets: dict[str, Synset], roots: list[str]) -> set[str]:
     return seen
 
 
+def descendants(synsets: dict[str, Synset], root: str) -> set[str]:
+    """A synset and everything below it."""
+    children: dict[str, list[str]] = {}
+    for wnid, synset in synsets.items():
+        for parent in synset.parents:
+            children.setdefault(parent, []).append(wnid)
+    found, stack = set(), [root]
+    while stack:
+        wnid = stack.pop()
+        if wnid not in found:
+            found.add(wnid)
+            stack.extend(children.get(wnid, ()))
+    return found
+
+
 def header(n_classes: int, n_lines: int) -> list[str]:
     return [
-        "# WordNet 3.0 noun hierarchy above the 1000 ImageNet-1k classes (the classes and all their ancestors).",
+        "# WordNet 3.0 noun hierarchy above the 1000 ImageNet-1k classes (the classes and all their ancestors),",
+        "# and every synset below animal (n00015388).",
         "# Source: WordNet 3.0, Princeton University, https://wordnet.princeton.edu",
         "# WordNet 3.0 Copyright 2006 by Princeton University. All rights reserved.",
         "# Redistributed under the WordNet 3.0 licence; its full text is in WORDNET_LICENSE in this folder.",
@@ -145,7 +163,7 @@ def main() -> None:
 
     synsets, license_text = parse_data_noun(read_data_noun(args.wordnet))
     wnids = read_wnids(args.synsets)
-    keep = sorted(closure(synsets, wnids))
+    keep = sorted(closure(synsets, wnids) | closure(synsets, sorted(descendants(synsets, ANIMAL))))
     index = {wnid: i for i, wnid in enumerate(wnids)}
     rows = [f"{w}\t{' '.join(synsets[w].parents)}\t{', '.join(synsets[w].lemmas)}\t{index.get(w, '')}" for w in keep]
 

@@ -73,6 +73,27 @@ def test_imagenet_evidence_is_the_mass_on_each_classs_imagenet_classes(imagenet_
         decide(model, outputs, sources="attributes")
 
 
+def test_imagenet_names_what_it_knows_and_attributes_share_out_the_rest():
+    # 2 seen classes; unseen: "rhino" (attributes only), "panda" (attributes and ImageNet), "fox" (ImageNet only)
+    compat = torch.log(torch.tensor([[0.1, 0.1, 0.6, 0.2],  # softmax: seen a, b, then rhino, panda
+                                     [0.7, 0.1, 0.1, 0.1]]))
+    imagenet = torch.tensor([[0.0, 0.25, 0.25, 0.5],  # rhino (no ImageNet class), panda, fox, unclaimed
+                             [0.0, 0.0, 0.0, 0.1]])
+    probability, source = openset.unseen_evidence(compat, imagenet, 2, 3, "both")
+    # rhino: its attribute share of the unclaimed mass; panda: its ImageNet mass plus its share; fox: ImageNet
+    assert torch.allclose(probability[0], torch.tensor([0.6 * 0.5, 0.25 + 0.2 * 0.5, 0.25]))
+    assert source[0].tolist() == [1, 0, 0]  # attributes, imagenet (0.25 > 0.1), imagenet
+    assert torch.allclose(probability[1], torch.tensor([0.01, 0.01, 0.0])) and source[1].tolist() == [1, 1, -1]
+    alone, _ = openset.unseen_evidence(compat, imagenet, 2, 3, "imagenet")
+    assert torch.allclose(alone[0], torch.tensor([0.0, 0.25, 0.25]))
+    attributes, attribute_source = openset.unseen_evidence(compat, imagenet, 2, 3, "attributes")
+    assert torch.allclose(attributes[0], torch.tensor([0.6, 0.2, 0.0])) and attribute_source[0].tolist() == [1, 1, -1]
+    scores = openset.stacked_scores(torch.tensor([[0.5, 0.5]]), probability[:1])
+    assert scores.shape == (1, 5) and float(scores[0, 4]) == pytest.approx(float(torch.tensor(0.25).log()))
+    assert float(openset.stacked_scores(torch.tensor([[1.0, 0.0]]), torch.zeros(1, 1))[0, 1]) == \
+        pytest.approx(float(torch.tensor(1e-12).log()))  # no evidence: the floor, never -inf
+
+
 def test_unseen_classes_nothing_can_name_are_refused(imagenet_weights):
     with pytest.raises(ModelConfigError, match="unseen classes moose have no attributes and they match no ImageNet "
                                                "class: give them attribute rows"):
@@ -174,8 +195,9 @@ def test_predict_names_the_held_out_class_and_says_which_source(knowing_run, tmp
     assert summary["zero_shot"]["acc_unseen"] == pytest.approx(knowing_run["metrics"]["test/acc_unseen"], abs=1e-6)
     out = capsys.readouterr().out
     assert "sources: both" in out and "by imagenet" in out and held_out in out
-    predict(compose_config("predict", tmp_path, f"ckpt_path={knowing_run['metrics']['best_checkpoint']}",
-                           "progress=false", "num_workers=0", "zero_shot_sources=imagenet"))
+    alone = predict(compose_config("predict", tmp_path, f"ckpt_path={knowing_run['metrics']['best_checkpoint']}",
+                                   "progress=false", "num_workers=0", "zero_shot_sources=imagenet"))
+    assert alone["zero_shot"]["sources"] == "imagenet" and alone["zero_shot"]["acc_unseen"] >= 0.75
     with pytest.raises(DataError, match="zero_shot_sources='attributes' is not one this model has"):
         predict(compose_config("predict", tmp_path, f"ckpt_path={knowing_run['metrics']['best_checkpoint']}",
                                "progress=false", "num_workers=0", "zero_shot_sources=attributes"))

@@ -22,6 +22,9 @@ COLLIE, GORILLA, CHIMPANZEE, PORCUPINE, WOOD_RABBIT, ANGORA = 231, 366, 367, 334
     ("fox", "hypernym", (RED_FOX, KIT_FOX, ARCTIC_FOX, GREY_FOX)),  # the synset above the four foxes
     ("rabbit", "hypernym", (WOOD_RABBIT, ANGORA)),
     ("moose", "none", ()),  # WordNet knows it, but no ImageNet-1k class is a moose
+    ("mouse", "none", ()),  # the animal, not ImageNet's computer mouse (n03793489)
+    ("mole", "none", ()),  # the animal, not ImageNet's breakwater, groin, groyne, mole...
+    ("crane", "exact", (134,)),  # the bird (n02012849), not the machine (n03126707)
     ("rhinoceros", "none", ()),
     ("zorblax", "none", ()),
 ])
@@ -38,14 +41,18 @@ def test_names_are_normalised_and_plurals_fall_back_to_the_singular():
     assert names.match("foxes").kind == "hypernym" and len(names.match("foxes").indices) == 4
     assert "red fox (n02119022)" in names.match("fox").describe(names)
     assert names.label(RED_FOX) == "red fox (n02119022)" and len(names.classes) == 1000
+    assert "WordNet's elk, European elk, moose, Alces alces (n02432983) has no ImageNet class" in \
+        names.match("moose").describe(names)
 
 
 def test_a_hypernym_leaves_out_what_a_seen_class_stands_for():
     matches = match_classes(seen=["collie"], candidates=["dog", "fox"])
     assert matches["collie"].indices == (COLLIE,)
     assert COLLIE not in matches["dog"].indices and len(matches["dog"].indices) > 100  # the other dogs
-    assert "less the classes of seen classes" in matches["dog"].via
+    assert "less the classes of collie" in matches["dog"].via
     assert matches["fox"].indices == (RED_FOX, KIT_FOX, ARCTIC_FOX, GREY_FOX)
+    whales = match_classes(seen=["antelope"], candidates=["whale", "killer+whale"])  # unseen classes too
+    assert whales["whale"].indices == (147,) and whales["killer+whale"].indices == (148,)  # grey / killer whale
 
 
 def test_a_class_map_overrides_the_automatic_match(tmp_path):
@@ -71,6 +78,7 @@ def test_a_class_map_overrides_the_automatic_match(tmp_path):
     ("fox: purple fox", r"line 2: 'purple fox' is not the name of an ImageNet class"),
     ("fox: 1000", r"line 2: 1000 is not a class index \(0-999\)"),
     ("fox: n09999999", r"line 2: n09999999 is neither an ImageNet-1k class nor a WordNet synset above one"),
+    ("moose: n02432983", r"line 2: n02432983 is neither"),  # moose: WordNet, but no ImageNet class below it
     ("bird: crane", r"line 2: 'crane' names 2 ImageNet classes \(crane \(n02012849\), crane \(n03126707\)\): "
                     r"write the wnid"),
     ("collie: collie", r"line 2: class 'collie' is listed twice"),

@@ -89,6 +89,9 @@ class AnimalDataModule(LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory == "auto" else bool(pin_memory)
         self.attributes = attributes
         self.attribute_files = dict(attribute_files or {})
+        if isinstance(unseen_classes, int) and not isinstance(unseen_classes, bool):
+            raise DataError(f"data.unseen_classes={unseen_classes} must be a list of class names; the demo's number "
+                            f"of held-out classes is data.held_out_classes={unseen_classes}")
         if isinstance(unseen_classes, str):
             raise DataError(f"data.unseen_classes={unseen_classes!r} must be a list: "
                             f"data.unseen_classes=[{unseen_classes}]")

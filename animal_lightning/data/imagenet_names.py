@@ -9,10 +9,12 @@ name a class that has no training photo, each class name is matched to ImageNet-
   (`fox`: red fox, kit fox, Arctic fox, grey fox; `rabbit`: wood rabbit, Angora);
 - none: nothing in ImageNet-1k or above it (`moose`, `rhinoceros`): attributes alone can name it.
 
-Names are compared lower-case with `+`, `_` and `-` as spaces (AwA2 writes `giant+panda`), and a
-plural falls back to its singular (`Leopards`). The synsets come from `imagenet_hierarchy.tsv`:
-the 1000 classes and every WordNet 3.0 noun synset above them (scripts/imagenet_hierarchy.py
-writes it; WORDNET_LICENSE beside it).
+A name with an animal sense means the animal: `mouse` is not the computer mouse, `mole` not the
+breakwater, `crane` the bird and not the machine. Names are compared lower-case with `+`, `_` and
+`-` as spaces (AwA2 writes `giant+panda`), and a plural falls back to its singular (`Leopards`).
+The synsets come from `imagenet_hierarchy.tsv`: the 1000 classes, every WordNet 3.0 noun synset
+above them and every synset below animal (scripts/imagenet_hierarchy.py writes it;
+WORDNET_LICENSE beside it).
 
 A class-map file (data.class_map) overrides the automatic match, one class per line:
 
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 
 HIERARCHY = Path(__file__).with_name("imagenet_hierarchy.tsv")
 NUM_CLASSES = 1000
+ANIMAL = "n00015388"  # WordNet's animal, animate being, beast, brute, creature, fauna
 KINDS = ("exact", "synonym", "hypernym", "map", "none")
 _WNID = re.compile(r"n\d{8}")
 
@@ -82,29 +85,36 @@ class ImageNetNames:
             for parent in synset.parents:
                 children.setdefault(parent, []).append(synset.wnid)
         self._children = children
+        self.animals = self._below(ANIMAL)
 
     def label(self, index: int) -> str:
         """`red fox (n02119022)`: an ImageNet class's usual name and its wnid."""
         wnid = self.classes[index]
         return f"{self.synsets[wnid].lemmas[0]} ({wnid})"
 
-    def classes_under(self, wnid: str) -> tuple[int, ...]:
-        """The ImageNet classes at or below a synset, in class-index order."""
-        found, stack, visited = set(), [wnid], set()
+    def _below(self, wnid: str) -> set[str]:
+        """A synset and every synset below it."""
+        found, stack = set(), [wnid]
         while stack:
             current = stack.pop()
-            if current in visited:
-                continue
-            visited.add(current)
-            if current in self.index:
-                found.add(self.index[current])
-            stack.extend(self._children.get(current, ()))
-        return tuple(sorted(found))
+            if current not in found:
+                found.add(current)
+                stack.extend(self._children.get(current, ()))
+        return found
 
-    def match(self, name: str) -> Match:
-        """The automatic match of a class name (exact, synonym, hypernym, or none)."""
+    def classes_under(self, wnid: str) -> tuple[int, ...]:
+        """The ImageNet classes at or below a synset, in class-index order."""
+        return tuple(sorted(self.index[w] for w in self._below(wnid) if w in self.index))
+
+    def match(self, name: str, prefer_animals: bool = True) -> Match:
+        """The automatic match of a class name (exact, synonym, hypernym, or none); with prefer_animals, a name
+        with an animal sense means the animal."""
+        known = []
         for form in _forms(name):
             wnids = self._by_lemma.get(form, [])
+            if prefer_animals and any(w in self.animals for w in wnids):  # this project names animals
+                wnids = [w for w in wnids if w in self.animals]
+            known = known or wnids
             direct = [w for w in wnids if w in self.index]
             if direct:
                 first = all(normalise(self.synsets[w].lemmas[0]) == form for w in direct)
@@ -113,9 +123,11 @@ class ImageNetNames:
             above = [w for w in wnids if w not in self.index]
             if above:
                 indices = tuple(sorted({i for w in above for i in self.classes_under(w)}))
-                via = "; ".join(f"{self.synsets[w].lemmas[0]} ({w})" for w in above)
-                return Match(name, indices, "hypernym", via)
-        return Match(name, (), "none")
+                if indices:
+                    via = "; ".join(f"{self.synsets[w].lemmas[0]} ({w})" for w in above)
+                    return Match(name, indices, "hypernym", via)
+        via = "; ".join(f"WordNet's {', '.join(self.synsets[w].lemmas)} ({w})" for w in known)
+        return Match(name, (), "none", f"{via} has no ImageNet class below it" if via else "")
 
     def resolve(self, target: str) -> tuple[int, ...] | str:
         """A class-map target (an ImageNet class name, a wnid or an index) as class indices, or why not."""
@@ -124,10 +136,9 @@ class ImageNetNames:
             index = int(target)
             return (index,) if index < NUM_CLASSES else f"{target} is not a class index (0-{NUM_CLASSES - 1})"
         if _WNID.fullmatch(target):
-            if target not in self.synsets:
-                return f"{target} is neither an ImageNet-1k class nor a WordNet synset above one"
-            return self.classes_under(target)
-        found = self.match(target)
+            below = self.classes_under(target) if target in self.synsets else ()
+            return below or f"{target} is neither an ImageNet-1k class nor a WordNet synset above one"
+        found = self.match(target, prefer_animals=False)  # a name written in a class map must say which it means
         if not found.indices:
             return f"{target!r} is not the name of an ImageNet class or of a WordNet synset above one"
         if found.kind != "hypernym" and len(found.indices) > 1:
@@ -212,21 +223,26 @@ def match_classes(seen: Sequence[str], candidates: Sequence[str], overrides: Map
                   names: ImageNetNames | None = None) -> dict[str, Match]:
     """The match of every seen and candidate class, the class map's lines first.
 
-    A candidate matched through a hypernym leaves out the ImageNet classes that a seen class stands for
-    (with seen `collie`, an unseen `dog` means the other dogs): a photo of a seen class must not also
-    count as evidence for a class it is not."""
+    A candidate matched through a hypernym leaves out the ImageNet classes of every narrower class, seen or
+    unseen (with `collie` among the classes, an unseen `dog` means the other dogs; with `killer whale`, an
+    unseen `whale` means the grey whale): a photo must not count as evidence for two classes at once."""
     names = names or imagenet_names()
     overrides = {normalise(key): value for key, value in (overrides or {}).items()}
     matches = {}
     for name in [*seen, *candidates]:
         override = overrides.get(normalise(name))
         matches[name] = Match(name, override.indices, "map", override.via) if override else names.match(name)
-    claimed = {i for name in seen if matches[name].kind != "hypernym" for i in matches[name].indices}
+    matched = dict(matches)  # before any trimming
     for name in candidates:
-        match = matches[name]
-        if match.kind == "hypernym" and claimed & set(match.indices):
+        match, mine = matched[name], set(matched[name].indices)
+        if match.kind != "hypernym":
+            continue
+        narrower = [other for other, m in matched.items() if other != name and m.indices and mine & set(m.indices)
+                    and (m.kind != "hypernym" or set(m.indices) < mine)]
+        if narrower:
+            claimed = {i for other in narrower for i in matched[other].indices}
             left = tuple(i for i in match.indices if i not in claimed)
-            via = f"{match.via}, less the classes of seen classes"
+            via = f"{match.via}, less the classes of {', '.join(narrower)}"
             matches[name] = Match(name, left, "hypernym" if left else "none", via)
     unused = sorted(set(overrides) - {normalise(name) for name in [*seen, *candidates]})
     if unused:

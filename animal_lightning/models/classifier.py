@@ -71,6 +71,7 @@ class AnimalClassifier(LightningModule):
         imagenet_map: dict | None = None,  # class name -> ImageNet-1k class indices (data/imagenet_names.py)
         imagenet_knowledge: bool = True,  # keep the pretrained ImageNet head to name unseen classes
         zero_shot_sources: str = "both",  # which sources name unseen classes: both | imagenet | attributes
+        zero_shot_keep: float = 0.98,  # calibrated stacking's penalty keeps this share of validation images seen
         resize_mode: str = "crop",  # data.resize_mode: how evaluation fits an image to the square (crop | squash)
         load_weights: bool = True,  # False: the checkpoint being restored has the weights; fetch none
     ):
@@ -95,6 +96,8 @@ class AnimalClassifier(LightningModule):
             raise ModelConfigError(f"model.head_init={head_init!r} is not one of: {', '.join(HEAD_INITS)}")
         if not 0.0 < float(open_set_keep) < 1.0:
             raise ModelConfigError(f"model.open_set_keep={open_set_keep} must be between 0 and 1 (e.g. 0.95)")
+        if not 0.0 < float(zero_shot_keep) < 1.0:
+            raise ModelConfigError(f"model.zero_shot_keep={zero_shot_keep} must be between 0 and 1 (e.g. 0.98)")
         if resize_mode not in RESIZE_MODES:
             raise ModelConfigError(f"data.resize_mode={resize_mode!r} is not one of: {', '.join(RESIZE_MODES)}")
         if zero_shot_sources not in openset.SOURCE_MODES:
@@ -253,7 +256,8 @@ class AnimalClassifier(LightningModule):
         return self.attribute_head(features).float()
 
     def compatibility(self, attribute_logits: torch.Tensor | None) -> torch.Tensor | None:
-        """N x (seen + unseen) attribute-compatibility scores of attribute_logits(); None without attributes.
+        """N x (seen + unseen classes with attributes) compatibility scores of attribute_logits(); None without
+        attributes.
 
         Each attribute is predicted independently (sigmoid, trained by binary cross-entropy against the
         class's attribute values, which is what lets unseen combinations of known attributes be named),
@@ -265,7 +269,7 @@ class AnimalClassifier(LightningModule):
         with torch.autocast(self.device.type, enabled=False):  # fp32: bf16 would round the stacking margins
             predicted = F.normalize(torch.sigmoid(attribute_logits.float()), dim=1)
             scale = self.attribute_logit_scale.float().exp().clamp(max=100.0)
-            return scale * predicted @ self.class_attributes.T
+            return scale * predicted @ self.class_attributes.float().T
 
     def imagenet_evidence(self, features: torch.Tensor | None) -> torch.Tensor | None:
         """N x (unseen + 1): the pretrained ImageNet head's probability mass on each unseen class's ImageNet classes
@@ -274,8 +278,8 @@ class AnimalClassifier(LightningModule):
         if features is None or not self.has_imagenet_evidence:
             return None
         with torch.autocast(self.device.type, enabled=False):
-            logits = features.float() @ self.imagenet_weight.T + self.imagenet_bias
-            return torch.softmax(logits, dim=1) @ self.imagenet_members.T
+            logits = features.float() @ self.imagenet_weight.float().T + self.imagenet_bias.float()
+            return torch.softmax(logits, dim=1) @ self.imagenet_members.float().T
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy against class indices, or against class probabilities (mixed batches)."""
@@ -364,7 +368,7 @@ class AnimalClassifier(LightningModule):
         if self.unseen_class_names and self.calibration and mode in (self.calibration.get("stacking_quantiles") or {}):
             stacked, source = self.zero_shot_scores(stats, mode)
             predicted = openset.gzsl_predict(stats["predicted"], stacked, num_seen,
-                                             openset.seen_penalty(self.calibration, keep, mode))
+                                             openset.seen_penalty(self.calibration, self.hparams.zero_shot_keep, mode))
             values.update(openset.zero_shot_report(predicted, stats["targets"], num_seen, len(self.all_class_names),
                                                    openset.best_unseen(stacked, num_seen)))
             self.zero_shot_table = openset.named_by(predicted, source, stats["targets"], num_seen,
@@ -417,7 +421,7 @@ class AnimalClassifier(LightningModule):
     def outputs(self, images: torch.Tensor, tta: str | None = None) -> dict[str, torch.Tensor]:
         """What prediction needs of a batch: probabilities (N x classes), the three open-set scores (N x 3),
         with attributes the compatibility with every seen class and unseen class that has attributes, and with
-        ImageNet knowledge of unseen classes their ImageNet evidence (imagenet, N x unseen).
+        ImageNet knowledge of unseen classes their ImageNet evidence (imagenet, N x (unseen + 1)).
         tta="hflip" averages each over the image and its mirror."""
         if tta not in (None, "hflip"):
             raise ValueError(f"tta={tta!r} is not one of: None, hflip")
@@ -591,10 +595,12 @@ def _plain_imagenet_map(imagenet_map: dict | None) -> dict | None:
     """{class name: [ImageNet-1k class indices]} as plain lists, each index checked."""
     if not imagenet_map:
         return None
-    plain = {str(name): sorted({int(i) for i in indices}) for name, indices in dict(imagenet_map).items()}
-    for name, indices in plain.items():
-        if any(not 0 <= i < IMAGENET_CLASSES for i in indices):
-            raise ModelConfigError(f"model.imagenet_map[{name!r}] has an index outside 0-{IMAGENET_CLASSES - 1}")
+    plain = {}
+    for name, indices in dict(imagenet_map).items():
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < IMAGENET_CLASSES for i in indices):
+            raise ModelConfigError(f"model.imagenet_map[{name!r}] has an index outside 0-{IMAGENET_CLASSES - 1} "
+                                   "(a list of ImageNet-1k class indices): map classes with data.class_map instead")
+        plain[str(name)] = sorted({int(i) for i in indices})
     return plain
 
 

@@ -33,7 +33,7 @@ from animal_lightning.models.metrics import MeanClassRecall
 SCORES = ("msp", "maxlogit", "energy")
 QUANTILE_POINTS = 201  # the calibration keeps each score's distribution at every 0.5%
 SOURCE_MODES = ("both", "imagenet", "attributes")  # which sources name unseen classes (model.zero_shot_sources)
-SOURCES = ("imagenet", "attributes")  # a zero-shot answer's source: its index here (-1: the trained classifier)
+SOURCES = ("imagenet", "attributes")  # an unseen class's source: its index here (-1: no evidence at all)
 _FLOOR = 1e-12  # the smallest probability stacking takes the log of: a class without evidence scores log(1e-12)
 
 
