@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from animal_lightning.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
-from animal_lightning.errors import DataError, ModelConfigError
+from animal_lightning.errors import CheckpointError, DataError, ModelConfigError
 from animal_lightning.models import AnimalClassifier, create_backbone, openset
 from animal_lightning.prediction import decide, predict
 from tests.conftest import FAST, compose_config
@@ -71,6 +71,13 @@ def test_imagenet_evidence_is_the_mass_on_each_classs_imagenet_classes(imagenet_
     assert all(decisions.names[i] in ("antelope", "collie") for i in decide(model, outputs).predicted)
     with pytest.raises(DataError, match="zero_shot_sources='attributes' is not one this model has: both, imagenet"):
         decide(model, outputs, sources="attributes")
+    with pytest.raises(DataError, match="zero_shot_keep=1.0 must be between 0 and 1"):
+        decide(model, outputs, zero_shot_keep=1.0)
+    model.calibration = {"score_quantiles": model.calibration["score_quantiles"], "margin_quantiles": [0.0] * 201}
+    with pytest.raises(CheckpointError, match="calibrated by an older version, on another scale: train it again, or "
+                                              "pass seen_penalty=<number>"):
+        decide(model, outputs)  # a checkpoint from before ImageNet knowledge, stacked on attribute scores
+    assert decide(model, outputs, penalty=-100.0).predicted.max() < 2  # a huge bonus for seen classes: all seen
 
 
 def test_imagenet_names_what_it_knows_and_attributes_share_out_the_rest():
