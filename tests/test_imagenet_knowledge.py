@@ -47,6 +47,18 @@ def test_a_pretrained_backbone_keeps_its_imagenet_head_as_frozen_buffers(imagene
         assert not hasattr(model, "imagenet_weight") and model.hparams.imagenet_knowledge is False
 
 
+def test_ddp_does_not_broadcast_the_constant_imagenet_buffers(imagenet_weights, tmp_path):
+    model = knowing_model(imagenet_weights, unseen_classes=["fox"], imagenet_map={"fox": [RED_FOX]})
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        synced = set(ddp.named_module_buffers)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert "net.bn1.running_mean" in synced  # BatchNorm statistics are still synced
+    assert not synced & {"imagenet_weight", "imagenet_bias", "imagenet_members"}
+
+
 def test_imagenet_evidence_is_the_mass_on_each_classs_imagenet_classes(imagenet_weights):
     model = knowing_model(imagenet_weights, unseen_classes=["fox", "gorilla"],
                           imagenet_map={"fox": [RED_FOX, 278], "gorilla": [366], "collie": [231]}).eval()

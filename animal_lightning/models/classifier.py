@@ -210,6 +210,9 @@ class AnimalClassifier(LightningModule):
         if keeps:
             self.register_buffer("imagenet_weight", head[0].float())
             self.register_buffer("imagenet_bias", head[1].float())
+        if keeps:
+            # constant: DDP need not broadcast them with the BatchNorm statistics at every step (8 MB for ResNet-50)
+            self._ddp_params_and_buffers_to_ignore = ["imagenet_weight", "imagenet_bias", "imagenet_members"]
         if keeps and any(mapped.values()):
             # one row per unseen class (its ImageNet classes), then one for every ImageNet class that no class of
             # the model, seen or unseen, stands for: the mass attributes share out (openset.unseen_evidence)
