@@ -120,8 +120,9 @@ def check_resumable(path: str | os.PathLike, model) -> None:
          if k in saved and tuple(saved[k].shape) != tuple(own[k].shape)]
     if differences:  # e.g. attributes switched on or off, another attribute count, another ViT input size
         imagenet = any(k.startswith("imagenet_") for k in [*own, *saved] if (k in own) != (k in saved))
-        setting = f"model.imagenet_knowledge={str('imagenet_weight' in saved).lower()}" if imagenet \
-            else "the settings it was trained with"
+        kept = "head" if "imagenet_weight" in saved else "copy" if any(k.startswith("imagenet_net.") for k in saved) \
+            else "none"
+        setting = f"model.imagenet_knowledge={kept}" if imagenet else "the settings it was trained with"
         raise CheckpointError(f"checkpoint {path} does not fit this run's model ({differences[0]}; "
                               f"{len(differences)} difference(s)): resume with {setting}, "
                               "or drop ckpt_path to start afresh")

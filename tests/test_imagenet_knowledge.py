@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 from animal_lightning.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
 from animal_lightning.errors import CheckpointError, DataError, ModelConfigError
@@ -37,14 +38,41 @@ def test_a_pretrained_backbone_keeps_its_imagenet_head_as_frozen_buffers(imagene
     state = torch.load(imagenet_weights, weights_only=True)
     model = knowing_model(imagenet_weights)
     assert torch.equal(model.imagenet_weight, state["fc.weight"]) and torch.equal(model.imagenet_bias, state["fc.bias"])
-    assert model.hparams.imagenet_knowledge is True and model.net.fc.out_features == 2
+    assert model.hparams.imagenet_knowledge == "head" and model.net.fc.out_features == 2
     assert "imagenet_weight" in model.state_dict()  # saved with the checkpoint...
     assert not any(p is model.imagenet_weight for p in model.parameters())  # ...and never trained
     assert not hasattr(model, "imagenet_members")  # no unseen class: nothing to name with it
-    off = knowing_model(imagenet_weights, imagenet_knowledge=False)
+    off = knowing_model(imagenet_weights, imagenet_knowledge=False)  # as YAML's false arrives: none
     scratch = AnimalClassifier(["a", "b"], backbone="resnet18", pretrained=False, image_size=32)
     for model in (off, scratch):
-        assert not hasattr(model, "imagenet_weight") and model.hparams.imagenet_knowledge is False
+        assert not hasattr(model, "imagenet_weight") and model.hparams.imagenet_knowledge == "none"
+    with pytest.raises(ModelConfigError, match="model.imagenet_knowledge='all' is not one of: head, copy, none"):
+        knowing_model(imagenet_weights, imagenet_knowledge="all")
+
+
+def test_a_frozen_copy_of_the_pretrained_network_reads_the_images(imagenet_weights, tmp_path):
+    from animal_lightning.models.optim import parameter_groups
+
+    reference = torchvision.models.resnet18()
+    reference.load_state_dict(torch.load(imagenet_weights, weights_only=True))
+    reference.eval()
+    model = knowing_model(imagenet_weights, imagenet_knowledge="copy", unseen_classes=["fox"],
+                          imagenet_map={"fox": [RED_FOX, 278]}).eval()
+    assert not hasattr(model, "imagenet_weight") and not any(p.requires_grad for p in model.imagenet_net.parameters())
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        model.net.layer4[0].conv1.weight.mul_(3.0)  # fine-tuning moves the backbone: the copy does not follow
+        expected = torch.softmax(reference(images), dim=1)[:, [RED_FOX, 278]].sum(1)
+        evidence = model.outputs(images)["imagenet"]
+    assert torch.allclose(evidence[:, 0], expected, rtol=1e-4, atol=1e-7)
+    trained = {id(p) for group in parameter_groups(model, model._head_ids, exclude={
+        id(p) for p in model.imagenet_net.parameters()}) for p in group["params"]}
+    assert trained.isdisjoint(id(p) for p in model.imagenet_net.parameters())
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "state.pt")
+    restored = AnimalClassifier(**{**model.hparams, "weights_path": None}, load_weights=False)
+    restored.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True)["state_dict"])
+    with torch.no_grad():
+        assert torch.allclose(restored.eval().outputs(images)["imagenet"], evidence, atol=1e-6)
 
 
 def test_ddp_does_not_broadcast_the_constant_imagenet_buffers(imagenet_weights, tmp_path):
@@ -192,7 +220,7 @@ def test_the_checkpoint_keeps_the_imagenet_head_as_plain_data(knowing_run):
     path = knowing_run["metrics"]["best_checkpoint"]
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # no pickled objects needed
     hparams = checkpoint["hyper_parameters"]
-    assert hparams["imagenet_knowledge"] is True and hparams["unseen_classes"] == [knowing_run["held_out"]]
+    assert hparams["imagenet_knowledge"] == "head" and hparams["unseen_classes"] == [knowing_run["held_out"]]
     assert hparams["imagenet_map"][knowing_run["held_out"]] == [RED_FOX]
     assert type(hparams["imagenet_map"]) is dict
     model, _ = AnimalClassifier.from_checkpoint(path)

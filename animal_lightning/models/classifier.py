@@ -7,6 +7,7 @@ loaded with torch.load(weights_only=True) and still rebuild the model and its pr
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -43,6 +44,9 @@ from animal_lightning.quiet import quiet_lightning
 log = logging.getLogger(__name__)
 
 HEAD_INITS = ("random", "probe")
+# head: the pretrained ImageNet-1k classifier reads the fine-tuned features; copy: a frozen copy of the whole
+# pretrained network reads the image (twice the forward passes, immune to fine-tuning drift); none
+IMAGENET_MODES = ("head", "copy", "none")
 
 
 class AnimalClassifier(LightningModule):
@@ -69,7 +73,7 @@ class AnimalClassifier(LightningModule):
         open_set_keep: float = 0.95,
         unseen_classes: list[str] | None = None,  # zero-shot candidates without attributes (ImageNet knowledge only)
         imagenet_map: dict | None = None,  # class name -> ImageNet-1k class indices (data/imagenet_names.py)
-        imagenet_knowledge: bool = True,  # keep the pretrained ImageNet head to name unseen classes
+        imagenet_knowledge: str = "head",  # head | copy | none: what of the pretrained ImageNet network to keep
         zero_shot_sources: str = "both",  # which sources name unseen classes: both | imagenet | attributes
         zero_shot_keep: float = 0.98,  # calibrated stacking's penalty keeps this share of validation images seen
         resize_mode: str = "crop",  # data.resize_mode: how evaluation fits an image to the square (crop | squash)
@@ -88,6 +92,7 @@ class AnimalClassifier(LightningModule):
         unseen_classes = [str(name) for name in unseen_classes or []
                           if not attributes or str(name) not in attributes["unseen"]]
         imagenet_map = _plain_imagenet_map(imagenet_map)
+        imagenet_knowledge = _imagenet_mode(imagenet_knowledge)
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "load_weights"])
         if open_set_score not in openset.SCORES:  # a typo fails here, before any training
             raise ModelConfigError(f"model.open_set_score={open_set_score!r} is not one of: "
@@ -148,6 +153,8 @@ class AnimalClassifier(LightningModule):
         self.val_acc_best.persistent(True)  # saved in checkpoints, so a resumed run remembers its best
         if self.hparams.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
+            if hasattr(self, "imagenet_net"):
+                self.imagenet_net = self.imagenet_net.to(memory_format=torch.channels_last)
 
     @property
     def class_names(self) -> list[str]:
@@ -184,35 +191,43 @@ class AnimalClassifier(LightningModule):
         return hasattr(self, "imagenet_members")
 
     def _keep_imagenet_head(self, head: tuple[torch.Tensor, torch.Tensor] | None, load_weights: bool) -> None:
-        """What the pretrained network knew of ImageNet's classes, kept as frozen buffers (saved in checkpoints):
-        the original head, and which of its classes each unseen class stands for (hparams.imagenet_map)."""
-        requested = bool(self.hparams.imagenet_knowledge)
-        if not load_weights:  # restoring: the checkpoint says whether it kept the head, and has its values
-            keeps = requested
-            if keeps:
-                features = self.class_head.in_features
-                head = (torch.zeros(IMAGENET_CLASSES, features), torch.zeros(IMAGENET_CLASSES))
-        else:
-            keeps = requested and head is not None
-            if requested and head is None and (self.hparams.pretrained or self.hparams.weights_path):
+        """What the pretrained network knew of ImageNet's classes, kept frozen and saved in checkpoints: the original
+        head (buffers) or a copy of the whole pretrained network (model.imagenet_knowledge=copy), and which of its
+        classes each unseen class stands for (hparams.imagenet_map)."""
+        mode = self.hparams.imagenet_knowledge
+        if load_weights and mode != "none" and head is None:
+            if self.hparams.pretrained or self.hparams.weights_path:
                 log.info("%s: its pretrained head is not an ImageNet-1k classifier: no ImageNet knowledge for "
                          "unseen classes", self.hparams.backbone)
-        self.hparams.imagenet_knowledge = keeps  # what the checkpoint records: whether the buffers exist
+            mode = "none"
+        keeps = mode != "none"
+        if keeps and head is None:  # restoring: the checkpoint has the values
+            head = (torch.zeros(IMAGENET_CLASSES, self.class_head.in_features), torch.zeros(IMAGENET_CLASSES))
+        self.hparams.imagenet_knowledge = mode  # what the checkpoint records: whether (and how) it was kept
         names = self.unseen_class_names
         mapped = {name: self.hparams.imagenet_map.get(name) for name in names} if self.hparams.imagenet_map else {}
         blind = [name for name in self.hparams.unseen_classes if not (keeps and mapped.get(name))]
         if blind:
             why = "the model keeps no ImageNet head (it needs model.pretrained=true with ImageNet weights and " \
-                "model.imagenet_knowledge=true)" if not keeps else "they match no ImageNet class"
+                "model.imagenet_knowledge=head or copy)" if not keeps else "they match no ImageNet class"
             raise ModelConfigError(f"unseen classes {', '.join(blind[:5])} have no attributes and {why}: give them "
                                    "attribute rows (data.attributes) or ImageNet classes (data.class_map), or drop "
                                    "them from data.unseen_classes")
-        if keeps:
+        if mode == "head":
             self.register_buffer("imagenet_weight", head[0].float())
             self.register_buffer("imagenet_bias", head[1].float())
+        if mode == "copy":  # the network as pretrained, its own head put back; never trained
+            network = copy.deepcopy(self.net)
+            parent, _, child = self.head_names[0].rpartition(".")
+            layer = nn.Linear(head[0].shape[1], IMAGENET_CLASSES)
+            layer.weight.data.copy_(head[0])
+            layer.bias.data.copy_(head[1])
+            setattr(network.get_submodule(parent) if parent else network, child, layer)
+            self.imagenet_net = network.requires_grad_(False).eval()
         if keeps:
             # constant: DDP need not broadcast them with the BatchNorm statistics at every step (8 MB for ResNet-50)
-            self._ddp_params_and_buffers_to_ignore = ["imagenet_weight", "imagenet_bias", "imagenet_members"]
+            self._ddp_params_and_buffers_to_ignore = ["imagenet_weight", "imagenet_bias", "imagenet_members"] + \
+                [f"imagenet_net.{name}" for name, _ in getattr(self, "imagenet_net", nn.Module()).named_buffers()]
         if keeps and any(mapped.values()):
             # one row per unseen class (its ImageNet classes), then one for every ImageNet class that no class of
             # the model, seen or unseen, stands for: the mass attributes share out (openset.unseen_evidence)
@@ -245,7 +260,7 @@ class AnimalClassifier(LightningModule):
         """The network's raw output (Inception v3 in training: logits and aux_logits) and, with an attribute
         head or the ImageNet head, the image features they read (what the class head received, N x D); None
         without either."""
-        if not self.hparams.attributes and not self.hparams.imagenet_knowledge:
+        if not self.hparams.attributes and self.hparams.imagenet_knowledge != "head":
             return self.net(self._prepare(images)), None
         with probe.capture_inputs(self.class_head) as captured:
             output = self.net(self._prepare(images))
@@ -274,14 +289,20 @@ class AnimalClassifier(LightningModule):
             scale = self.attribute_logit_scale.float().exp().clamp(max=100.0)
             return scale * predicted @ self.class_attributes.float().T
 
-    def imagenet_evidence(self, features: torch.Tensor | None) -> torch.Tensor | None:
+    def imagenet_evidence(self, images: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor | None:
         """N x (unseen + 1): the pretrained ImageNet head's probability mass on each unseen class's ImageNet classes
         (0 for a class without any), then on the ImageNet classes no class of the model stands for; None without
-        ImageNet knowledge of any unseen class."""
-        if features is None or not self.has_imagenet_evidence:
+        ImageNet knowledge of any unseen class. The head reads `features` (run()'s), or with
+        imagenet_knowledge=copy the frozen pretrained network reads `images`."""
+        if not self.has_imagenet_evidence:
+            return None
+        if self.hparams.imagenet_knowledge == "copy":
+            logits = _logits(self.imagenet_net(self._prepare(images))).float()
+        elif features is None:
             return None
         with torch.autocast(self.device.type, enabled=False):
-            logits = features.float() @ self.imagenet_weight.float().T + self.imagenet_bias.float()
+            if self.hparams.imagenet_knowledge == "head":
+                logits = features.float() @ self.imagenet_weight.float().T + self.imagenet_bias.float()
             return torch.softmax(logits, dim=1) @ self.imagenet_members.float().T
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -330,7 +351,7 @@ class AnimalClassifier(LightningModule):
             self.eval_loss[stage].update(self._loss(logits[seen], targets[seen]).detach(), weight=int(seen.sum()))
             metrics.update(logits[seen], targets[seen])
         self.image_scores[stage].update(openset.known_scores(logits), logits.argmax(1), targets, compat,
-                                        probabilities, self.imagenet_evidence(features))
+                                        probabilities, self.imagenet_evidence(images, features))
         return {"logits": logits.detach(), "targets": targets}
 
     def _gathered(self, stage: str) -> dict[str, torch.Tensor]:
@@ -436,7 +457,7 @@ class AnimalClassifier(LightningModule):
             probabilities.append(torch.softmax(out, dim=1))
             logits.append(out)
             compat.append(self.compatibility(self.attribute_logits(features)))
-            imagenet.append(self.imagenet_evidence(features))
+            imagenet.append(self.imagenet_evidence(view, features))
         result = {"probabilities": torch.stack(probabilities).mean(0),
                   "scores": openset.known_scores(torch.stack(logits).mean(0))}
         if compat[0] is not None:
@@ -511,8 +532,9 @@ class AnimalClassifier(LightningModule):
     def configure_optimizers(self):
         if self.optimizer_factory is None:
             raise RuntimeError("AnimalClassifier needs an optimizer factory to train (the optimizer config group)")
+        frozen = {id(p) for p in self.imagenet_net.parameters()} if hasattr(self, "imagenet_net") else set()
         optimizer = self.optimizer_factory(params=parameter_groups(self, self._head_ids,
-                                                                   self.hparams.backbone_lr_mult))
+                                                                   self.hparams.backbone_lr_mult, exclude=frozen))
         for group in optimizer.param_groups:
             group["lr"] *= group["lr_mult"]
         if self.scheduler_factory is None:
@@ -561,7 +583,7 @@ class AnimalClassifier(LightningModule):
         hparams = dict(checkpoint["hyper_parameters"])
         # checkpoints from before resize_mode was a model argument: the mode their recorded preprocessing used
         hparams.setdefault("resize_mode", PreprocessSpec.from_dict(meta["preprocess"]).resize_mode)
-        hparams.setdefault("imagenet_knowledge", False)  # from before the ImageNet head was kept
+        hparams.setdefault("imagenet_knowledge", "none")  # from before the ImageNet head was kept
         model = cls(**hparams, load_weights=False)
         result = model.load_state_dict(checkpoint["state_dict"], strict=False)
         if result.missing_keys or result.unexpected_keys:
@@ -592,6 +614,15 @@ def _plain_attributes(attributes: dict | None, class_names: list[str]) -> dict |
                                f"expected {len(seen) + len(unseen)} classes x {len(predicates)} attributes")
     return {"predicates": predicates, "seen": seen, "unseen": unseen, "matrix": matrix,
             "source": str(attributes.get("source", ""))}
+
+
+def _imagenet_mode(value) -> str:
+    """model.imagenet_knowledge as one of IMAGENET_MODES (true and false, as YAML may give them: head and none)."""
+    mode = {True: "head", False: "none", None: "none"}.get(value, value) if isinstance(value, (bool, type(None))) \
+        else str(value)
+    if mode not in IMAGENET_MODES:
+        raise ModelConfigError(f"model.imagenet_knowledge={value!r} is not one of: {', '.join(IMAGENET_MODES)}")
+    return mode
 
 
 def _plain_imagenet_map(imagenet_map: dict | None) -> dict | None:
