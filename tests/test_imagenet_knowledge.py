@@ -30,20 +30,22 @@ def imagenet_weights(tmp_path_factory) -> Path:
 
 
 def knowing_model(weights: Path, **kwargs) -> AnimalClassifier:
+    kwargs.setdefault("imagenet_knowledge", "head")
     return AnimalClassifier(["antelope", "collie"], backbone="resnet18", weights_path=str(weights), image_size=32,
                             **kwargs)
 
 
 def test_a_pretrained_backbone_keeps_its_imagenet_head_as_frozen_buffers(imagenet_weights):
     state = torch.load(imagenet_weights, weights_only=True)
-    model = knowing_model(imagenet_weights)
+    model = knowing_model(imagenet_weights, unseen_classes=["fox"], imagenet_map={"fox": [RED_FOX]})
     assert torch.equal(model.imagenet_weight, state["fc.weight"]) and torch.equal(model.imagenet_bias, state["fc.bias"])
     assert model.hparams.imagenet_knowledge == "head" and model.net.fc.out_features == 2
     assert "imagenet_weight" in model.state_dict()  # saved with the checkpoint...
     assert not any(p is model.imagenet_weight for p in model.parameters())  # ...and never trained
-    assert not hasattr(model, "imagenet_members")  # no unseen class: nothing to name with it
+    idle = knowing_model(imagenet_weights, imagenet_knowledge="copy")  # no unseen class: nothing to keep, or save
     off = knowing_model(imagenet_weights, imagenet_knowledge=False)  # as YAML's false arrives: none
     scratch = AnimalClassifier(["a", "b"], backbone="resnet18", pretrained=False, image_size=32)
+    assert not hasattr(idle, "imagenet_net") and idle.hparams.imagenet_knowledge == "none"
     for model in (off, scratch):
         assert not hasattr(model, "imagenet_weight") and model.hparams.imagenet_knowledge == "none"
     with pytest.raises(ModelConfigError, match="model.imagenet_knowledge='all' is not one of: head, copy, none"):
@@ -220,12 +222,13 @@ def test_the_checkpoint_keeps_the_imagenet_head_as_plain_data(knowing_run):
     path = knowing_run["metrics"]["best_checkpoint"]
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # no pickled objects needed
     hparams = checkpoint["hyper_parameters"]
-    assert hparams["imagenet_knowledge"] == "head" and hparams["unseen_classes"] == [knowing_run["held_out"]]
+    assert hparams["imagenet_knowledge"] == "copy" and hparams["unseen_classes"] == [knowing_run["held_out"]]
     assert hparams["imagenet_map"][knowing_run["held_out"]] == [RED_FOX]
     assert type(hparams["imagenet_map"]) is dict
     model, _ = AnimalClassifier.from_checkpoint(path)
     state = torch.load(knowing_run["knowing"], weights_only=True)
-    assert torch.equal(model.imagenet_weight, state["fc.weight"])  # untouched by training
+    assert torch.equal(model.imagenet_net.fc.weight, state["fc.weight"])  # the default: a frozen copy, untouched
+    assert torch.equal(model.imagenet_net.layer1[0].conv1.weight, state["layer1.0.conv1.weight"])
     assert model.unseen_class_names == [knowing_run["held_out"]]
 
 

@@ -73,7 +73,7 @@ class AnimalClassifier(LightningModule):
         open_set_keep: float = 0.95,
         unseen_classes: list[str] | None = None,  # zero-shot candidates without attributes (ImageNet knowledge only)
         imagenet_map: dict | None = None,  # class name -> ImageNet-1k class indices (data/imagenet_names.py)
-        imagenet_knowledge: str = "head",  # head | copy | none: what of the pretrained ImageNet network to keep
+        imagenet_knowledge: str = "copy",  # copy | head | none: what of the pretrained ImageNet network to keep
         zero_shot_sources: str = "both",  # which sources name unseen classes: both | imagenet | attributes
         zero_shot_keep: float = 0.98,  # calibrated stacking's penalty keeps this share of validation images seen
         resize_mode: str = "crop",  # data.resize_mode: how evaluation fits an image to the square (crop | squash)
@@ -200,16 +200,18 @@ class AnimalClassifier(LightningModule):
                 log.info("%s: its pretrained head is not an ImageNet-1k classifier: no ImageNet knowledge for "
                          "unseen classes", self.hparams.backbone)
             mode = "none"
-        keeps = mode != "none"
+        names = self.unseen_class_names
+        mapped = {name: self.hparams.imagenet_map.get(name) for name in names} if self.hparams.imagenet_map else {}
+        available = mode != "none"
+        blind = [name for name in self.hparams.unseen_classes if not (available and mapped.get(name))]
+        keeps = available and any(mapped.values())  # no unseen class it could name: nothing to keep (nor to save)
+        mode = mode if keeps else "none"
         if keeps and head is None:  # restoring: the checkpoint has the values
             head = (torch.zeros(IMAGENET_CLASSES, self.class_head.in_features), torch.zeros(IMAGENET_CLASSES))
         self.hparams.imagenet_knowledge = mode  # what the checkpoint records: whether (and how) it was kept
-        names = self.unseen_class_names
-        mapped = {name: self.hparams.imagenet_map.get(name) for name in names} if self.hparams.imagenet_map else {}
-        blind = [name for name in self.hparams.unseen_classes if not (keeps and mapped.get(name))]
         if blind:
             why = "the model keeps no ImageNet head (it needs model.pretrained=true with ImageNet weights and " \
-                "model.imagenet_knowledge=head or copy)" if not keeps else "they match no ImageNet class"
+                "model.imagenet_knowledge=copy or head)" if not available else "they match no ImageNet class"
             raise ModelConfigError(f"unseen classes {', '.join(blind[:5])} have no attributes and {why}: give them "
                                    "attribute rows (data.attributes) or ImageNet classes (data.class_map), or drop "
                                    "them from data.unseen_classes")
@@ -228,7 +230,7 @@ class AnimalClassifier(LightningModule):
             # constant: DDP need not broadcast them with the BatchNorm statistics at every step (8 MB for ResNet-50)
             self._ddp_params_and_buffers_to_ignore = ["imagenet_weight", "imagenet_bias", "imagenet_members"] + \
                 [f"imagenet_net.{name}" for name, _ in getattr(self, "imagenet_net", nn.Module()).named_buffers()]
-        if keeps and any(mapped.values()):
+        if keeps:
             # one row per unseen class (its ImageNet classes), then one for every ImageNet class that no class of
             # the model, seen or unseen, stands for: the mass attributes share out (openset.unseen_evidence)
             members = torch.zeros(len(names) + 1, IMAGENET_CLASSES)
