@@ -183,10 +183,11 @@ class AnimalDataModule(LightningDataModule):
 
     def zero_shot_hparams(self) -> dict:
         """The model's unseen_classes and imagenet_map arguments (plain data, saved in checkpoints)."""
-        table = self.attribute_table
-        extra = [name for name in self.unseen_candidates if not table or name not in table.classes]
-        if not extra and not self.unseen_candidates:
+        candidates = self.unseen_candidates
+        if not candidates:
             return {"unseen_classes": None, "imagenet_map": None}
+        table = self.attribute_table
+        extra = [name for name in candidates if not table or name not in table.classes]
         mapped = {name: list(match.indices) for name, match in self.imagenet_matches.items() if match.indices}
         return {"unseen_classes": extra or None, "imagenet_map": mapped or None}
 

@@ -227,10 +227,6 @@ class AnimalClassifier(LightningModule):
             setattr(network.get_submodule(parent) if parent else network, child, layer)
             self.imagenet_net = network.requires_grad_(False).eval()
         if keeps:
-            # constant: DDP need not broadcast them with the BatchNorm statistics at every step (8 MB for ResNet-50)
-            self._ddp_params_and_buffers_to_ignore = ["imagenet_weight", "imagenet_bias", "imagenet_members"] + \
-                [f"imagenet_net.{name}" for name, _ in getattr(self, "imagenet_net", nn.Module()).named_buffers()]
-        if keeps:
             # one row per unseen class (its ImageNet classes), then one for every ImageNet class that no class of
             # the model, seen or unseen, stands for: the mass attributes share out (openset.unseen_evidence)
             members = torch.zeros(len(names) + 1, IMAGENET_CLASSES)
@@ -240,6 +236,9 @@ class AnimalClassifier(LightningModule):
             members[-1] = 1.0
             members[-1, claimed] = 0.0
             self.register_buffer("imagenet_members", members, persistent=False)
+            # constant: DDP need not broadcast them with the BatchNorm statistics at every step (8 MB for ResNet-50)
+            self._ddp_params_and_buffers_to_ignore = [name for name, _ in self.named_buffers()
+                                                      if name.startswith("imagenet_")]
         modes = self.zero_shot_modes
         if self.hparams.zero_shot_sources not in modes and names:
             raise ModelConfigError(f"model.zero_shot_sources={self.hparams.zero_shot_sources} but this model can "
@@ -620,8 +619,12 @@ def _plain_attributes(attributes: dict | None, class_names: list[str]) -> dict |
 
 def _imagenet_mode(value) -> str:
     """model.imagenet_knowledge as one of IMAGENET_MODES (true and false, as YAML may give them: head and none)."""
-    mode = {True: "head", False: "none", None: "none"}.get(value, value) if isinstance(value, (bool, type(None))) \
-        else str(value)
+    if value is None or value is False:
+        mode = "none"
+    elif value is True:
+        mode = "head"
+    else:
+        mode = str(value)
     if mode not in IMAGENET_MODES:
         raise ModelConfigError(f"model.imagenet_knowledge={value!r} is not one of: {', '.join(IMAGENET_MODES)}")
     return mode
