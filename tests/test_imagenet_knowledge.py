@@ -143,6 +143,19 @@ def test_imagenet_names_what_it_knows_and_attributes_share_out_the_rest():
         pytest.approx(float(torch.tensor(1e-12).log()))  # no evidence: the floor, never -inf
 
 
+def test_resuming_with_another_imagenet_knowledge_names_the_setting_to_use(imagenet_weights, tmp_path):
+    from animal_lightning.checkpoints import check_resumable
+
+    fox = {"unseen_classes": ["fox"], "imagenet_map": {"fox": [RED_FOX]}}
+    trained = knowing_model(imagenet_weights, **fox)  # imagenet_knowledge=head
+    payload = {"state_dict": trained.state_dict(), "hyper_parameters": dict(trained.hparams)}
+    trained.on_save_checkpoint(payload)
+    torch.save(payload, tmp_path / "head.ckpt")
+    with pytest.raises(CheckpointError, match=r"does not fit this run's model \(.*\): resume with "
+                                              r"model.imagenet_knowledge=head, or drop ckpt_path"):
+        check_resumable(tmp_path / "head.ckpt", knowing_model(imagenet_weights, imagenet_knowledge="copy", **fox))
+
+
 def test_unseen_classes_nothing_can_name_are_refused(imagenet_weights):
     with pytest.raises(ModelConfigError, match="unseen classes moose have no attributes and they match no ImageNet "
                                                "class: give them attribute rows"):

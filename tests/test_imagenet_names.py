@@ -119,5 +119,8 @@ def test_the_datamodule_offers_unseen_classes_with_an_imagenet_match_and_refuses
         AnimalDataModule(root, num_workers=0, check_images=False, unseen_classes=["collie"]).zero_shot_hparams()
     with pytest.raises(DataError, match=r"data.unseen_classes='fox' must be a list: data.unseen_classes=\[fox\]"):
         AnimalDataModule(root, unseen_classes="fox")
+    with pytest.raises(DataError, match="data.unseen_classes=4 must be a list of class names; the demo's number of "
+                                        "held-out classes is data.held_out_classes=4"):
+        AnimalDataModule(root, unseen_classes=4)  # the demo's key before it was renamed
     assert AnimalDataModule(root, num_workers=0, check_images=False).zero_shot_hparams() == \
         {"unseen_classes": None, "imagenet_map": None}
