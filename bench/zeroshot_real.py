@@ -110,7 +110,7 @@ def frozen_copy_outputs(model: AnimalClassifier, paths: list[Path]) -> torch.Ten
     h = model.hparams
     fresh = AnimalClassifier(model.class_names, backbone=h.backbone, pretrained=True, image_size=h.image_size,
                              attributes=h.attributes, unseen_classes=h.unseen_classes, imagenet_map=h.imagenet_map,
-                             resize_mode=h.resize_mode).eval()
+                             resize_mode=h.resize_mode, imagenet_knowledge="copy").eval()
     outputs, _ = predict_outputs(fresh, paths, num_workers=1, progress=False)
     return outputs["imagenet"]
 
