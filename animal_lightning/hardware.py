@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import platform
+from pathlib import Path
+
 import torch
 
 from animal_lightning.compat import cpu_has_amx, cpu_has_avx512_bf16
@@ -21,3 +26,15 @@ def auto_precision(accelerator: str) -> str:
     if accelerator in ("cpu", "auto"):
         return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
     return "32-true"  # mps and others: fp32 is the safe default
+
+
+def cpu_description() -> str:
+    """The processor's name and its bf16/int8 matrix features, for naming the machine beside a speed figure."""
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    features = [f for f, present in (("AMX", cpu_has_amx()), ("AVX512-BF16", cpu_has_avx512_bf16())) if present]
+    return f"{name} ({', '.join(features) or 'no AMX, no AVX512-BF16'}; {os.cpu_count()} cores)"

@@ -29,7 +29,8 @@ from animal_lightning.data.folders import read_labels_csv
 from animal_lightning.data.images import is_image_name, list_images
 from animal_lightning.data.workers import loader_workers, worker_context
 from animal_lightning.distributed import gather_objects
-from animal_lightning.errors import CheckpointError, DataError
+from animal_lightning.engines import Engine, EngineSettings, prepare_engine
+from animal_lightning.errors import CheckpointError, DataError, ModelConfigError
 from animal_lightning.explain import CamRequest, explain_images
 from animal_lightning.export import export_model
 from animal_lightning.hardware import auto_precision
@@ -41,6 +42,7 @@ from animal_lightning.reports import rows_csv
 log = logging.getLogger(__name__)
 
 LIST_SUFFIXES = {".txt", ".lst"}
+ENGINE_EXPORTS = ("compiled", "int8")  # export=<engine>: build its cache beside the checkpoint
 
 
 # -- which images -------------------------------------------------------------------------------------
@@ -147,13 +149,14 @@ class _Predictor(L.LightningModule):
     """What Trainer.predict runs: the classifier's outputs() for each batch, with this run's test-time
     augmentation (the classifier itself carries no prediction setting)."""
 
-    def __init__(self, model: AnimalClassifier, tta: str | None):
+    def __init__(self, model: AnimalClassifier, tta: str | None, engine: Engine | None = None):
         super().__init__()
         self.model = model
         self.tta = tta
+        self.engine = engine
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
-        return self.model.outputs(batch[0], tta=self.tta)
+        return self.model.outputs(batch[0], tta=self.tta, engine=self.engine)
 
 
 def predict_probabilities(model: AnimalClassifier, paths: Sequence[Path], **kwargs) -> tuple[torch.Tensor, list[str]]:
@@ -165,13 +168,14 @@ def predict_probabilities(model: AnimalClassifier, paths: Sequence[Path], **kwar
 def predict_outputs(model: AnimalClassifier, paths: Sequence[Path], *, batch_size: int = 64,
                     num_workers: int | str = "auto", accelerator: str = "auto", precision: str = "auto",
                     tta: str | None = None, progress: bool = True, devices: int | str = 1,
-                    num_nodes: int = 1) -> tuple[dict[str, torch.Tensor], list[str]]:
+                    num_nodes: int = 1, engine: Engine | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
     """model.outputs() for every image, concatenated in the order of `paths`: probabilities
     (N x classes), open-set scores (N x 3) and, with unseen classes, compat and imagenet (AnimalClassifier.outputs);
     and the errors.
 
     devices > 1 (or num_nodes > 1) predicts with DDP: Lightning starts the other processes by running the
-    same command again (or SLURM/torchrun already did); each process gets every result, in order."""
+    same command again (or SLURM/torchrun already did); each process gets every result, in order.
+    `engine` (engines.prepare_engine) runs the networks on the CPU in its own precision."""
     if tta not in (None, "hflip"):
         raise DataError(f"tta={tta!r} is not one of: null, hflip")
     if not paths:
@@ -182,6 +186,8 @@ def predict_outputs(model: AnimalClassifier, paths: Sequence[Path], *, batch_siz
                         multiprocessing_context=worker_context(workers))
     collect = _Collect(len(paths))
     quiet_lightning()
+    if engine is not None:  # a CPU graph with its own precision: no autocast around it
+        accelerator, precision = "cpu", "32-true"
     distributed = devices not in (1, "1") or int(num_nodes) > 1
     trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=int(num_nodes),
                         strategy="ddp" if distributed else "auto", logger=False, enable_checkpointing=False,
@@ -191,7 +197,7 @@ def predict_outputs(model: AnimalClassifier, paths: Sequence[Path], *, batch_siz
     if distributed and len(paths) < processes:  # a process without images would wait for the others forever
         raise DataError(f"{len(paths)} images cannot be shared by {processes} processes: predict them with "
                         "devices=1")
-    trainer.predict(_Predictor(model, tta), dataloaders=loader, return_predictions=False)
+    trainer.predict(_Predictor(model, tta, engine), dataloaders=loader, return_predictions=False)
     return collect.outputs, collect.errors
 
 
@@ -380,6 +386,15 @@ def predict(cfg) -> dict:
     checkpoint = resolve_checkpoint(cfg.get("ckpt_path"), cfg.paths.log_dir)
     say(f"Checkpoint: {checkpoint}")
     model, meta = AnimalClassifier.from_checkpoint(checkpoint)
+    settings = engine_settings(cfg)
+    if cfg.get("export") in ENGINE_EXPORTS:  # build (or check) the engine's cache once, for later runs
+        settings.name = str(cfg.export)
+        engine = prepare_engine(model, checkpoint, meta, settings)
+        if engine is None:
+            raise ModelConfigError(f"export={settings.name}: {model.hparams.backbone} cannot be converted (see the "
+                                   "warning above); predict with engine=eager")
+        say(engine.describe())
+        return {"exported": [str(engine.folder)], "engine": engine.report}
     if cfg.get("export"):
         written = export_model(model, checkpoint, str(cfg.export))
         print("Exported: " + ", ".join(str(p) for p in written), flush=True)
@@ -393,11 +408,21 @@ def predict(cfg) -> dict:
         labels_csv = labels_csv or meta.get("test_labels")  # the demo's labels for its own test folder
     inputs = collect_inputs(source, model.all_class_names, recursive=bool(cfg.get("recursive", False)),
                             labels_csv=labels_csv)
+    engine = None
+    if settings.name != "eager" and _uses_gpu(str(cfg.accelerator)):
+        log.warning("engine=%s is a CPU engine: on the GPU, predicting with engine=eager", settings.name)
+    else:
+        engine = prepare_engine(model, checkpoint, meta, settings)
+    if engine is not None:
+        say(engine.describe())
+        if engine.calibration:  # the open-set threshold and zero-shot penalty, moved to the engine's scores
+            model.calibration = engine.calibration
     say(f"Predicting {len(inputs.paths)} images from {inputs.description}")
     outputs, errors = predict_outputs(
         model, inputs.paths, batch_size=int(cfg.batch_size), num_workers=cfg.num_workers,
         accelerator=str(cfg.accelerator), precision=str(cfg.precision), tta=cfg.get("tta"),
-        progress=bool(cfg.get("progress", True)), devices=cfg.get("devices", 1), num_nodes=cfg.get("num_nodes", 1))
+        progress=bool(cfg.get("progress", True)), devices=cfg.get("devices", 1), num_nodes=cfg.get("num_nodes", 1),
+        engine=engine)
     if rank_zero_only.rank != 0:  # DDP: every process has all the results; the first one writes them
         return {"images": len(inputs.paths), "rank": rank_zero_only.rank}
     probabilities = outputs["probabilities"]
@@ -441,6 +466,17 @@ def predict(cfg) -> dict:
     return summary
 
 
+def engine_settings(cfg) -> EngineSettings:
+    """conf/predict.yaml's engine keys."""
+    return EngineSettings(name=str(cfg.get("engine") or "eager"), calibration=cfg.get("calibration"),
+                          calibration_images=int(cfg.get("calibration_images") or 300),
+                          min_agreement=float(cfg.get("min_agreement", 0.99)), cache_dir=cfg.get("engine_cache"))
+
+
+def _uses_gpu(accelerator: str) -> bool:
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
 def write_gradcam(cfg, model: AnimalClassifier, inputs: Inputs, probabilities: torch.Tensor,
                   errors: Sequence[str], decisions: Decisions) -> str:
     """gradcam=true: an overlay per readable image for its predicted class, and with gradcam_true=true also
@@ -457,7 +493,7 @@ def write_gradcam(cfg, model: AnimalClassifier, inputs: Inputs, probabilities: t
         if cfg.get("gradcam_true") and label in index and index[label] != predicted:
             requests.append(CamRequest(n, index[label], "true"))
     folder = Path(cfg.get("gradcam_dir") or Path(cfg.output).parent / "gradcam")
-    use_gpu = str(cfg.accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    use_gpu = _uses_gpu(str(cfg.accelerator)) and torch.cuda.is_available()
     workers = loader_workers(cfg.num_workers, len({r.image for r in requests}), int(cfg.batch_size))
     rows = explain_images(model, inputs.paths, inputs.image_ids, requests, folder, batch_size=int(cfg.batch_size),
                           num_workers=workers, device="cuda" if use_gpu else "cpu")

@@ -73,11 +73,14 @@ def test_epoch_time_runs_both_recipes_through_train_py(tmp_path, photos):
     assert ours["epochs"][0]["val_seconds"] > 0 and summary["report_over_ours"] > 0
 
 
-def test_predict_memory_reports_each_run(tmp_path):
+def test_predict_memory_reports_each_run_of_each_engine(tmp_path):
     summary = run_bench("predict_memory.py", "--images", "40", "--sizes", "20,40", "--image-size", "32",
-                        "--batch-size", "8", cwd=tmp_path)
-    assert [run["images"] for run in summary["runs"]] == [20, 40]
-    assert all(run["peak_rss_mb"] > 0 for run in summary["runs"]) and "marginal_images_per_s" in summary["runs"][1]
+                        "--batch-size", "8", "--engines", "eager,int8", cwd=tmp_path)
+    assert set(summary["engines"]) == {"eager", "int8"} and summary["cpu"]
+    for result in summary["engines"].values():
+        runs = result["runs"]
+        assert [run["images"] for run in runs] == [20, 40]
+        assert all(run["peak_rss_mb"] > 0 for run in runs) and "marginal_images_per_s" in runs[1]
 
 
 def test_finetune_compare_scores_the_probe_and_train_py_rows_on_the_test_folder(tmp_path, photos, monkeypatch):

@@ -214,6 +214,17 @@ class AnimalDataModule(LightningDataModule):
         return [w * scale for w in inverse]
 
     @property
+    def validation_images(self) -> list[str]:
+        """The validation split's files, relative to the root where they are inside it: what a checkpoint records,
+        so that predict.py's engines calibrate on images the model was validated on."""
+        root = self.index.root.resolve()
+        paths = []
+        for path, _ in self.index.val:
+            resolved = Path(path).resolve()
+            paths.append(resolved.relative_to(root).as_posix() if resolved.is_relative_to(root) else str(resolved))
+        return paths
+
+    @property
     def test_labels_path(self) -> str | None:
         """The labels CSV that scores a flat test folder, resolved against the root, if there is one."""
         if not self.test_labels:

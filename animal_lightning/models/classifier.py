@@ -290,21 +290,26 @@ class AnimalClassifier(LightningModule):
             scale = self.attribute_logit_scale.float().exp().clamp(max=100.0)
             return scale * predicted @ self.class_attributes.float().T
 
-    def imagenet_evidence(self, images: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor | None:
-        """N x (unseen + 1): the pretrained ImageNet head's probability mass on each unseen class's ImageNet classes
-        (0 for a class without any), then on the ImageNet classes no class of the model stands for; None without
-        ImageNet knowledge of any unseen class. The head reads `features` (run()'s), or with
-        imagenet_knowledge=copy the frozen pretrained network reads `images`."""
+    def imagenet_logits(self, images: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor | None:
+        """N x 1000 ImageNet-1k logits of the pretrained head (reading run()'s `features`) or, with
+        imagenet_knowledge=copy, of the frozen pretrained network (reading `images`); None without ImageNet
+        knowledge of any unseen class."""
         if not self.has_imagenet_evidence:
             return None
         if self.hparams.imagenet_knowledge == "copy":
-            logits = _logits(self.imagenet_net(self._prepare(images))).float()
-        elif features is None:
+            return _logits(self.imagenet_net(self._prepare(images))).float()
+        if features is None:
             return None
         with torch.autocast(self.device.type, enabled=False):
-            if self.hparams.imagenet_knowledge == "head":
-                logits = features.float() @ self.imagenet_weight.float().T + self.imagenet_bias.float()
-            return torch.softmax(logits, dim=1) @ self.imagenet_members.float().T
+            return features.float() @ self.imagenet_weight.float().T + self.imagenet_bias.float()
+
+    def imagenet_evidence(self, imagenet_logits: torch.Tensor | None) -> torch.Tensor | None:
+        """N x (unseen + 1): imagenet_logits()'s probability mass on each unseen class's ImageNet classes (0 for a
+        class without any), then on the ImageNet classes no class of the model stands for; None without them."""
+        if imagenet_logits is None:
+            return None
+        with torch.autocast(self.device.type, enabled=False):
+            return torch.softmax(imagenet_logits.float(), dim=1) @ self.imagenet_members.float().T
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy against class indices, or against class probabilities (mixed batches)."""
@@ -352,7 +357,7 @@ class AnimalClassifier(LightningModule):
             self.eval_loss[stage].update(self._loss(logits[seen], targets[seen]).detach(), weight=int(seen.sum()))
             metrics.update(logits[seen], targets[seen])
         self.image_scores[stage].update(openset.known_scores(logits), logits.argmax(1), targets, compat,
-                                        probabilities, self.imagenet_evidence(images, features))
+                                        probabilities, self.imagenet_evidence(self.imagenet_logits(images, features)))
         return {"logits": logits.detach(), "targets": targets}
 
     def _gathered(self, stage: str) -> dict[str, torch.Tensor]:
@@ -443,22 +448,37 @@ class AnimalClassifier(LightningModule):
         self.eval_loss["test"].reset()
         self.log_dict(self._open_set_metrics())
 
-    def outputs(self, images: torch.Tensor, tta: str | None = None) -> dict[str, torch.Tensor]:
+    def network_outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Everything the networks compute from a batch, which outputs() turns into answers: the class logits, the
+        features an attribute head reads (with attributes), and the ImageNet logits (with ImageNet knowledge of
+        unseen classes). An inference engine (animal_lightning/engines.py) computes exactly these."""
+        output, features = self.run(images)
+        result = {"logits": _logits(output).float()}
+        if self.hparams.attributes and features is not None:
+            result["features"] = features.float()
+        imagenet = self.imagenet_logits(images, features)
+        if imagenet is not None:
+            result["imagenet_logits"] = imagenet.float()
+        return result
+
+    def outputs(self, images: torch.Tensor, tta: str | None = None,
+                engine: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
         """What prediction needs of a batch: probabilities (N x classes), the three open-set scores (N x 3),
         with attributes the compatibility with every seen class and unseen class that has attributes, and with
         ImageNet knowledge of unseen classes their ImageNet evidence (imagenet, N x (unseen + 1)).
-        tta="hflip" averages each over the image and its mirror."""
+        tta="hflip" averages each over the image and its mirror. `engine` computes network_outputs() in its
+        place (a compiled or int8 graph)."""
         if tta not in (None, "hflip"):
             raise ValueError(f"tta={tta!r} is not one of: None, hflip")
         views = [images, images.flip(-1)] if tta == "hflip" else [images]
         probabilities, logits, compat, imagenet = [], [], [], []
         for view in views:
-            output, features = self.run(view)
-            out = _logits(output).float()
+            raw = engine(view) if engine is not None else self.network_outputs(view)
+            out = raw["logits"].float()
             probabilities.append(torch.softmax(out, dim=1))
             logits.append(out)
-            compat.append(self.compatibility(self.attribute_logits(features)))
-            imagenet.append(self.imagenet_evidence(view, features))
+            compat.append(self.compatibility(self.attribute_logits(raw.get("features"))))
+            imagenet.append(self.imagenet_evidence(raw.get("imagenet_logits")))
         result = {"probabilities": torch.stack(probabilities).mean(0),
                   "scores": openset.known_scores(torch.stack(logits).mean(0))}
         if compat[0] is not None:
@@ -557,6 +577,8 @@ class AnimalClassifier(LightningModule):
             # where the training data was, so `python predict.py` can default to its test folder
             "data_root": str(Path(datamodule.root).resolve()) if hasattr(datamodule, "root") else None,
             "test_labels": getattr(datamodule, "test_labels_path", None),
+            # the validation images (relative to data_root): predict.py's int8 engine calibrates on them
+            "val_images": getattr(datamodule, "validation_images", None),
             "calibration": self.calibration,  # open-set threshold and stacking penalty, from validation
         }
         if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
