@@ -69,6 +69,20 @@ def test_two_cpu_processes_agree_write_once_and_count_each_test_image_once(tmp_p
     assert [float(r["confidence"]) for r in predicted[2]] == pytest.approx([float(r["confidence"])
                                                                            for r in predicted[1]], abs=1e-5)
 
+    # engine=compiled on 2 processes: the first builds the cache before the second starts, which loads it
+    output = tmp_path / "predictions_engine.csv"
+    command = [sys.executable, str(PROJECT / "predict.py"), f"ckpt_path={run / 'checkpoints' / 'best.ckpt'}",
+               f"input={root / 'test'}", "devices=2", "engine=compiled", f"engine_cache={tmp_path / 'engines'}",
+               "batch_size=4", "num_workers=0", "progress=false", f"output={output}", f"paths.root_dir={tmp_path}"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("built in") == 1 and len(list((tmp_path / "engines").glob("compiled-*"))) == 1
+    with output.open(newline="") as handle:
+        engine_rows = list(csv.DictReader(handle))
+    assert [row["image_id"] for row in engine_rows] == ids
+    assert sum(a["class"] != b["class"] for a, b in zip(engine_rows, predicted[1], strict=True)) <= 1  # bf16
+
 
 def test_ddp_with_a_frozen_backbone_expects_unused_parameters(compose_cfg):
     from animal_lightning.training import build_trainer

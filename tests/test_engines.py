@@ -155,3 +155,39 @@ def test_export_builds_the_engine_once_and_prediction_loads_it(trained, tmp_path
     assert "built in" in capsys.readouterr().out
     run_predict(trained["ckpt"], tmp_path, "again", f"input={trained['root'] / 'test'}", "engine=int8")
     assert f"loaded from {exported['exported'][0]}" in capsys.readouterr().out
+
+
+class _DataDependent(torch.nn.Module):
+    """A network whose path depends on the pixel values: torch.export cannot trace it into one graph."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images) if images.mean() > 0 else -self.net(images)
+
+
+def test_a_network_that_cannot_be_converted_falls_back_to_eager_with_a_warning(trained, tmp_path, caplog):
+    model, meta = AnimalClassifier.from_checkpoint(trained["ckpt"])
+    model.net = _DataDependent(model.net)
+    engine = prepare_engine(model, trained["ckpt"], meta, EngineSettings("int8", cache_dir=str(tmp_path / "cache")))
+    assert engine is None
+    warning = next(r.getMessage() for r in caplog.records if r.name == "animal_lightning.engines")
+    assert warning.startswith("engine=int8 cannot convert resnet18 (") and "predicting with engine=eager instead" \
+        in warning and "\n" not in warning
+    images = torch.randn(2, 3, 32, 32)
+    assert model.outputs(images, engine=engine)["probabilities"].shape == (2, 4)  # eager still answers
+
+
+def test_the_calibration_moves_with_the_engines_scores(trained):
+    from animal_lightning.engines import recalibrate
+
+    model, _ = AnimalClassifier.from_checkpoint(trained["ckpt"])
+    scores = torch.randn(200, 3)
+    moved = recalibrate(model, {"scores": scores}, {"scores": scores + torch.tensor([0.1, -2.0, 0.0])})
+    for i, name in enumerate(["msp", "maxlogit", "energy"]):
+        shift = [0.1, -2.0, 0.0][i]
+        assert moved["score_quantiles"][name] == pytest.approx(
+            [v + shift for v in model.calibration["score_quantiles"][name]], abs=1e-6)
+    assert moved["images"] == model.calibration["images"]

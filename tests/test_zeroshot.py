@@ -16,7 +16,7 @@ from animal_lightning.data.synthetic import SyntheticSpec, ensure_synthetic_data
 from animal_lightning.errors import DataError
 from animal_lightning.models import AnimalClassifier, openset
 from animal_lightning.prediction import predict
-from tests.conftest import FAST, compose_config, make_folder
+from tests.conftest import FAST, compose_config, make_folder, read_rows
 
 
 def write_awa2(folder: Path, classes: list[str], predicates: list[str], rows: list[list[float]]) -> Path:
@@ -344,3 +344,18 @@ def test_ddp_ranks_calibrate_on_every_ranks_images(tmp_path):
         assert gathered["predicted"].tolist() == [0, 1, 1] and gathered["compat"].shape == (3, 4)
         assert set(plain) == {"scores", "predicted", "targets"} and torch.equal(plain["scores"], expected)
         assert empty == {}
+
+
+@pytest.mark.slow  # the zeroshot fixture trains the demo for real (about a minute)
+def test_an_engine_names_unseen_classes_as_fp32_does(zeroshot, tmp_path):
+    rows = {}
+    for engine, precision in (("eager", "32-true"), ("compiled", "auto")):
+        predict(compose_config("predict", tmp_path / engine, f"ckpt_path={zeroshot['ckpt']}", "progress=false",
+                               "num_workers=0", f"engine={engine}", f"precision={precision}",
+                               f"engine_cache={tmp_path / 'cache'}"))
+        rows[engine] = read_rows(tmp_path / engine / "run" / "predictions.csv")
+    assert list(rows["compiled"][0]) == list(rows["eager"][0])  # the source column (classifier or unseen) too
+    same = sum(a["class"] == b["class"] and a["source"] == b["source"]
+               for a, b in zip(rows["compiled"], rows["eager"], strict=True))
+    assert same >= 0.95 * len(rows["eager"])  # bf16 and the recalibrated penalty may move an image at the margin
+    assert any(row["source"] != "classifier" for row in rows["compiled"])  # unseen classes are still named
