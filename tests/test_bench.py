@@ -123,3 +123,10 @@ def test_bad_pilot_counts_are_one_line(text, monkeypatch):
 
     with pytest.raises(argparse.ArgumentTypeError, match=r"expected TRAIN:TEST, two positive photo counts, e.g. 16:8"):
         photo_counts(text)
+
+
+def test_model_zoo_builds_each_models_engines(tmp_path):
+    summary = run_bench("model_zoo.py", "--models", "resnet18", "--image-size", "32", "--batch-size", "2",
+                        "--steps", "1", "--engines", "compiled,int8", cwd=tmp_path)
+    (row,) = summary["models"]
+    assert row["model"] == "resnet18" and row["compiled_images_per_s"] > 0 and row["int8_images_per_s"] > 0

@@ -72,8 +72,9 @@ def test_two_cpu_processes_agree_write_once_and_count_each_test_image_once(tmp_p
     # engine=compiled on 2 processes: the first builds the cache before the second starts, which loads it
     output = tmp_path / "predictions_engine.csv"
     command = [sys.executable, str(PROJECT / "predict.py"), f"ckpt_path={run / 'checkpoints' / 'best.ckpt'}",
-               f"input={root / 'test'}", "devices=2", "engine=compiled", f"engine_cache={tmp_path / 'engines'}",
-               "batch_size=4", "num_workers=0", "progress=false", f"output={output}", f"paths.root_dir={tmp_path}"]
+               f"input={root / 'test'}", "accelerator=cpu", "devices=2", "engine=compiled",
+               f"engine_cache={tmp_path / 'engines'}", "batch_size=4", "num_workers=0", "progress=false",
+               f"output={output}", f"paths.root_dir={tmp_path}"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert result.returncode == 0, result.stderr[-4000:]
