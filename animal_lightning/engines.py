@@ -291,8 +291,8 @@ def _build(folder: Path, key: dict, model: AnimalClassifier, meta: dict, setting
         reference = [model.outputs(images) for images in batches]
         keys = list(model.network_outputs(batches[0][:1]))
         batch = torch.export.Dim("batch", min=1)
-        program = torch.export.export(NetworkGraph(model, keys).eval(), (batches[0][:2],),
-                                      dynamic_shapes=({0: batch},))
+        example = torch.cat([batches[0], batches[0]])[:2]  # 2 images: export would fix a batch of 1 as constant
+        program = torch.export.export(NetworkGraph(model, keys).eval(), (example,), dynamic_shapes=({0: batch},))
         graph = ov.convert_model(program)
     if settings.name == "int8":
         dataset = nncf.Dataset([images.numpy() for images in batches])

@@ -201,3 +201,12 @@ def test_an_unwritable_cache_folder_is_one_clear_line(trained, tmp_path):
     with pytest.raises(ModelConfigError, match=f"cannot keep the engine cache in {blocked / 'inner'} .*engine_cache="):
         prepare_engine(model, trained["ckpt"], meta, EngineSettings("compiled", cache_dir=str(blocked / "inner")))
 
+
+
+def test_one_calibration_image_still_gives_an_engine_for_any_batch(trained, tmp_path):
+    model, meta = AnimalClassifier.from_checkpoint(trained["ckpt"])
+    engine = prepare_engine(model, trained["ckpt"], meta, EngineSettings("compiled", calibration_images=1,
+                                                                         cache_dir=str(tmp_path / "cache")))
+    assert engine is not None and engine.report["images"] == 1
+    for size in (1, 5):
+        assert engine(torch.randn(size, 3, 32, 32))["logits"].shape == (size, 4)
