@@ -17,11 +17,15 @@ def cpu_has_fast_bf16() -> bool:
     return cpu_has_amx() or cpu_has_avx512_bf16()
 
 
+def uses_gpu(accelerator: str) -> bool:
+    """Whether the Trainer's `accelerator` setting means a GPU here."""
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
 def auto_precision(accelerator: str) -> str:
     """The Trainer's precision for `accelerator`: bf16-mixed where the hardware computes bf16 natively
     (recent GPUs; CPUs with AMX or AVX512-BF16), 16-mixed on older GPUs, else 32-true."""
-    use_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if use_gpu:
+    if uses_gpu(accelerator):
         return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
     if accelerator in ("cpu", "auto"):
         return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"

@@ -33,7 +33,7 @@ from animal_lightning.engines import Engine, EngineSettings, prepare_engine
 from animal_lightning.errors import CheckpointError, DataError, ModelConfigError
 from animal_lightning.explain import CamRequest, explain_images
 from animal_lightning.export import export_model
-from animal_lightning.hardware import auto_precision
+from animal_lightning.hardware import auto_precision, uses_gpu
 from animal_lightning.models import AnimalClassifier, openset
 from animal_lightning.models.metrics import eval_metrics
 from animal_lightning.quiet import quiet_lightning
@@ -409,7 +409,7 @@ def predict(cfg) -> dict:
     inputs = collect_inputs(source, model.all_class_names, recursive=bool(cfg.get("recursive", False)),
                             labels_csv=labels_csv)
     engine = None
-    if settings.name != "eager" and _uses_gpu(str(cfg.accelerator)):
+    if settings.name != "eager" and uses_gpu(str(cfg.accelerator)):
         log.warning("engine=%s is a CPU engine: on the GPU, predicting with engine=eager", settings.name)
     else:
         engine = prepare_engine(model, checkpoint, meta, settings)
@@ -473,10 +473,6 @@ def engine_settings(cfg) -> EngineSettings:
                           min_agreement=float(cfg.get("min_agreement", 0.99)), cache_dir=cfg.get("engine_cache"))
 
 
-def _uses_gpu(accelerator: str) -> bool:
-    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-
-
 def write_gradcam(cfg, model: AnimalClassifier, inputs: Inputs, probabilities: torch.Tensor,
                   errors: Sequence[str], decisions: Decisions) -> str:
     """gradcam=true: an overlay per readable image for its predicted class, and with gradcam_true=true also
@@ -493,7 +489,7 @@ def write_gradcam(cfg, model: AnimalClassifier, inputs: Inputs, probabilities: t
         if cfg.get("gradcam_true") and label in index and index[label] != predicted:
             requests.append(CamRequest(n, index[label], "true"))
     folder = Path(cfg.get("gradcam_dir") or Path(cfg.output).parent / "gradcam")
-    use_gpu = _uses_gpu(str(cfg.accelerator)) and torch.cuda.is_available()
+    use_gpu = uses_gpu(str(cfg.accelerator)) and torch.cuda.is_available()
     workers = loader_workers(cfg.num_workers, len({r.image for r in requests}), int(cfg.batch_size))
     rows = explain_images(model, inputs.paths, inputs.image_ids, requests, folder, batch_size=int(cfg.batch_size),
                           num_workers=workers, device="cuda" if use_gpu else "cpu")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -213,7 +214,7 @@ class AnimalDataModule(LightningDataModule):
         scale = len(inverse) / sum(inverse)
         return [w * scale for w in inverse]
 
-    @property
+    @functools.cached_property  # the split is fixed once scanned; checkpoints are saved many times
     def validation_images(self) -> list[str]:
         """The validation split's files, relative to the root where they are inside it: what a checkpoint records,
         so that predict.py's engines calibrate on images the model was validated on."""
