@@ -279,6 +279,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "epochs_completed": _epochs_completed(trainer, checkpoint),
         "class_names": model.class_names,
         "unusable_images": dict(sorted(datamodule.index.bad_images.items())),  # left out, with the reason
+        "excluded_images": datamodule.index.excluded,  # left out by data.exclude
+        "exclude_unmatched": datamodule.index.exclude_unmatched,  # data.exclude lines that matched no file
         "run_dir": str(output_dir),
     }
     if model.unseen_class_names:  # what each zero-shot candidate was matched to, and what the test named it by

@@ -66,6 +66,7 @@ class AnimalDataModule(LightningDataModule):
         attribute_files: dict | None = None,
         unseen_classes: list[str] | None = None,  # zero-shot candidates without attributes (ImageNet knowledge)
         class_map: str | None = None,  # a file of "<class>: <ImageNet classes>" lines, overriding the WordNet match
+        exclude: str | None = None,  # a file of photos to leave out (paths or globs), e.g. an audit's exclude.txt
     ):
         super().__init__()
         if balance not in BALANCE_MODES:
@@ -84,6 +85,7 @@ class AnimalDataModule(LightningDataModule):
         self.on_bad_image = on_bad_image
         self.check_images = bool(check_images)
         self.test_labels = test_labels
+        self.exclude = str(exclude) if exclude else None
         self.resize_mode = resize_mode
         self.augment = _settings("data.augment", augment, train_transform)
         self.mix = _settings("data.mix", mix, MixCollate)
@@ -113,11 +115,12 @@ class AnimalDataModule(LightningDataModule):
             self.prepare_dataset()
             self._index = index_dataset(self.root, val_fraction=self.val_fraction, seed=self.split_seed,
                                         on_bad_image=self.on_bad_image, test_labels=self.test_labels,
-                                        check_images=self.check_images)
+                                        check_images=self.check_images, exclude=self.exclude)
             idx = self._index
-            log.info("dataset %s: %d classes, %d train / %d val (%s) / %d test (%s), %d unusable files left out",
+            log.info("dataset %s: %d classes, %d train / %d val (%s) / %d test (%s), %d unusable files left out%s",
                      idx.root, len(idx.class_names), len(idx.train), len(idx.val), idx.val_source,
-                     len(idx.test), idx.test_source, len(idx.bad_images))
+                     len(idx.test), idx.test_source, len(idx.bad_images),
+                     f", {len(idx.excluded)} excluded by data.exclude" if self.exclude else "")
         return self._index
 
     @property

@@ -8,7 +8,9 @@ labels CSV). Every problem is found here, before a model is built, and reported 
 from __future__ import annotations
 
 import csv
+import fnmatch
 import logging
+import os
 import random
 import zlib
 from collections.abc import Sequence
@@ -38,6 +40,8 @@ class DatasetIndex:
     # Labelled test images of classes that have no training folder (path, class name): kept apart,
     # for open-set and zero-shot evaluation; only a flat test folder scored by a labels CSV has them.
     novel_test: list[tuple[str, str]] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)  # files data.exclude left out, relative to the root
+    exclude_unmatched: list[str] = field(default_factory=list)  # data.exclude lines that matched no file
 
     def class_counts(self, samples: Sequence[Sample]) -> list[int]:
         counts = [0] * len(self.class_names)
@@ -116,9 +120,50 @@ def _require_known(by_class: dict[str, list[Path]], split_dir: Path, class_names
                         "rename or remove them so that every class has training images")
 
 
+_GLOB = frozenset("*?[")
+
+
+def read_exclude_file(exclude: str | Path, root: Path) -> tuple[Path, list[str]]:
+    """data.exclude's file (as given, else relative to the root) and its entries: one path or glob a line,
+    blank lines and # comments skipped."""
+    path = Path(exclude).expanduser()
+    if not path.is_file() and not path.is_absolute() and (root / path).is_file():
+        path = root / path
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or "not a UTF-8 text file"
+        raise DataError(f"cannot read data.exclude file {path}: {reason}; set data.exclude to a file of paths "
+                        "(one a line, relative to the data root), e.g. an audit's exclude.txt, or to null") from error
+    return path, [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def match_exclusions(entries: list[str], files: list[Path], root: Path) -> tuple[set[Path], list[str]]:
+    """The files that `entries` name (paths or globs, relative to `root` or absolute; a glob's * also crosses
+    folders) and the entries that name none."""
+    base = Path(os.path.abspath(root))
+    relative = {f: Path(os.path.abspath(f)).relative_to(base).as_posix() for f in files}
+    by_name = {name: f for f, name in relative.items()}
+    by_name.update({os.path.abspath(f): f for f in files})
+    matched: set[Path] = set()
+    unmatched = []
+    for entry in entries:
+        absolute = os.path.isabs(os.path.expanduser(entry))
+        pattern = os.path.abspath(os.path.expanduser(entry)) if absolute else entry.removeprefix("./")
+        if _GLOB & set(entry):
+            hits = {f for f, name in relative.items()
+                    if fnmatch.fnmatchcase(os.path.abspath(f) if absolute else name, pattern)}
+        else:
+            hits = {by_name[pattern]} if pattern in by_name else set()
+        if not hits:
+            unmatched.append(entry)
+        matched |= hits
+    return matched, unmatched
+
+
 def index_dataset(root: str | Path, *, val_fraction: float = 0.15, seed: int = 42,
                   on_bad_image: str = "skip", test_labels: str | Path | None = None,
-                  check_images: bool = True) -> DatasetIndex:
+                  check_images: bool = True, exclude: str | Path | None = None) -> DatasetIndex:
     """Scan `root` once: find classes, check every image, build the train/val/test sample lists."""
     if on_bad_image not in {"skip", "error"}:
         raise DataError(f"data.on_bad_image={on_bad_image!r} is not one of: skip, error")
@@ -152,6 +197,25 @@ def index_dataset(root: str | Path, *, val_fraction: float = 0.15, seed: int = 4
     known = set(class_names)
     novel_test = [(p, c) for p, c in flat_test if c not in known]
     flat_test = [(p, c) for p, c in flat_test if c in known]
+
+    excluded: set[Path] = set()
+    unmatched: list[str] = []
+    if exclude:
+        exclude_file, entries = read_exclude_file(exclude, root)
+        every = [p for group in (train_by_class, val_by_class, test_by_class) for files in group.values()
+                 for p in files] + [p for p, _ in flat_test + novel_test]
+        excluded, unmatched = match_exclusions(entries, every, root)
+        log.info("data.exclude: leaving out %d files listed in %s", len(excluded), exclude_file)
+        if unmatched:
+            log.warning("data.exclude: %d line(s) of %s match no file under %s, e.g. %s", len(unmatched),
+                        exclude_file, root, ", ".join(unmatched[:3]))
+        keep = {str(p) for p in every} - {str(p) for p in excluded}
+        train_by_class, val_by_class, test_by_class = (
+            {name: [p for p in files if str(p) in keep] for name, files in group.items()}
+            for group in (train_by_class, val_by_class, test_by_class))
+        flat_test = [(p, c) for p, c in flat_test if str(p) in keep]
+        novel_test = [(p, c) for p, c in novel_test if str(p) in keep]
+        _require_usable(train_by_class, train_dir)
 
     bad: dict[str, str] = {}
     if check_images:
@@ -187,8 +251,10 @@ def index_dataset(root: str | Path, *, val_fraction: float = 0.15, seed: int = 4
         test_source = f"flat test folder scored with {test_labels}"
     else:
         test, test_source = list(val), "validation split (no labelled test set)"
+    base = Path(os.path.abspath(root))
     return DatasetIndex(root, class_names, train, val, test, test_source, val_source, bad,
-                        [(str(p), c) for p, c in novel_test])
+                        [(str(p), c) for p, c in novel_test],
+                        sorted(Path(os.path.abspath(p)).relative_to(base).as_posix() for p in excluded), unmatched)
 
 
 def _labelled_flat_test(root: Path, test_dir: Path, labels_file: Path, class_names: list[str]
