@@ -52,7 +52,10 @@ def link_copy(source: Path, target: Path, limit: int | None) -> None:
             files = sorted(p for p in folder.iterdir() if p.is_file())[:limit]
             (target / split / folder.name).mkdir(parents=True, exist_ok=True)
             for file in files:
-                os.link(file, target / split / folder.name / file.name)
+                try:
+                    os.link(file, target / split / folder.name / file.name)
+                except OSError:  # another file system (or no hard links there): a real copy
+                    shutil.copy2(file, target / split / folder.name / file.name)
 
 
 def run_audit(root: Path, cache: Path, out: Path, extra: list[str]) -> tuple[dict, list[dict], float]:
@@ -84,8 +87,9 @@ def near_copy(image: Image.Image, variant: int, rng: random.Random) -> Image.Ima
 def plant(root: Path, exact: int, near: int, swap: float, seed: int) -> dict:
     """Plant the defects in the linked copy at `root` (links are replaced, never written through)."""
     rng = random.Random(seed)
-    photos = sorted(p.relative_to(root).as_posix() for p in root.glob("*/*/*") if p.is_file())
-    other = {"train": "test", "test": "train"}
+    other = {"train": "test", "val": "train", "test": "train"}
+    photos = sorted(p.relative_to(root).as_posix() for p in root.glob("*/*/*") if p.is_file()
+                    and p.parts[-3] in other)
     sources = rng.sample(photos, exact + near)
     planted: dict = {"exact": {}, "near": {}, "swapped": {}}
     for n, rel in enumerate(sources):

@@ -25,7 +25,8 @@ from tests.conftest import FAST, PROJECT, compose_config, read_rows
 from tests.test_bad_input import BAD, messy_dataset, png_bomb
 
 # small and quick: the packaged ImageNet EfficientNet-Lite0 at 64 px (the weights extra is installed with dev)
-QUICK = ["features.image_size=64", "features.num_workers=0", "workers=2"]
+# fp32 features: the same on every CPU (bf16 autocast rounds differently with and without AMX)
+QUICK = ["features.image_size=64", "features.num_workers=0", "features.precision=32", "workers=2"]
 HUES = {"cat": (200, 50, 40), "dog": (40, 170, 60), "fox": (50, 70, 210)}
 
 
@@ -54,8 +55,9 @@ def clean_folder(root: Path, per_class: int = 12, test_per_class: int = 4) -> Pa
     return root
 
 
-def audit(workdir: Path, root: Path, *overrides: str) -> tuple[dict, list[dict], Path]:
-    cfg = compose_config("audit", workdir, f"data.root={root}", f"cache_dir={workdir / 'cache'}", *QUICK, *overrides)
+def audit(workdir: Path, root: Path, *overrides: str, cache: Path | None = None) -> tuple[dict, list[dict], Path]:
+    cfg = compose_config("audit", workdir, f"data.root={root}", f"cache_dir={cache or workdir / 'cache'}", *QUICK,
+                         *overrides)
     summary = run_audit(cfg)
     out = Path(cfg.paths.output_dir)
     return summary, read_rows(out / "findings.csv"), out
@@ -110,8 +112,15 @@ def planted(tmp_path_factory) -> dict:
         image.filter(ImageFilter.GaussianBlur(6)).save(train / "fox" / "blurred.jpg")
         image.convert("L").save(train / "fox" / "grey.jpg")
         image.convert("RGBA").save(train / "fox" / "alpha.png")
+    for name in ("x/1.jpg", "x-1.jpg", "y.jpg"):  # three identical files: all exact, two of them go
+        (train / "cat" / name).parent.mkdir(exist_ok=True)
+        shutil.copyfile(train / "cat" / "006.jpg", train / "cat" / name)
+    (train / "cat" / "006.jpg").unlink()
+    shutil.copyfile(train / "cat" / "007.jpg", train / "cat" / "odd <b>&amp; name.jpg")  # HTML must escape it
     shapes(train / "owl" / "only.jpg", (220, 200, 40), seed=903)  # a class with one photo
     (train / "yak").mkdir()  # and one with none
+    shapes(root / "test" / "emu" / "t0.jpg", (90, 90, 90), seed=904)  # a test class without training photos
+    os.mkfifo(train / "dog" / "pipe.jpg")  # reading it would block forever
     before = snapshot(root)
     summary, rows, out = audit(work, root)
     return {"root": root, "summary": summary, "rows": rows, "out": out, "kinds": by_kind(rows), "before": before,
@@ -124,7 +133,8 @@ def files_of(planted: dict, kind: str) -> set[str]:
 
 def test_unreadable_and_skipped_files_are_found_with_their_reason(planted):
     unreadable = {row["file"]: row for row in planted["kinds"]["unreadable"]}
-    assert set(unreadable) == {"train/cat/empty.jpg", "train/cat/cut.jpg", "train/dog/notes.jpg"}
+    assert set(unreadable) == {"train/cat/empty.jpg", "train/cat/cut.jpg", "train/dog/notes.jpg", "train/dog/pipe.jpg"}
+    assert "not a regular file" in unreadable["train/dog/pipe.jpg"]["detail"]
     assert "0 bytes" in unreadable["train/cat/empty.jpg"]["detail"]
     assert all(row["action"] == "exclude" for row in unreadable.values())
     assert files_of(planted, "not_an_image") == {"train/dog/drawing.gif"}
@@ -150,10 +160,14 @@ def test_duplicates_within_and_across_classes(planted):
         or {(r["other"], r["file"]) for r in conflicts} == {("train/fox/003.jpg", "train/cat/fox_filed_as_cat.jpg")}
     exclude = set((planted["out"] / "exclude.txt").read_text().splitlines())
     assert {"train/fox/003.jpg", "train/cat/fox_filed_as_cat.jpg"} <= exclude  # both: one label is wrong
-    exact = {frozenset((r["file"], r["other"])) for r in planted["kinds"]["exact_duplicate"]}
-    assert frozenset(("train/dog/002.jpg", "train/dog/same_pixels.png")) not in exact  # 002 is in the leak group
-    assert any("same_pixels.png" in pair for pair in map(tuple, exact)) or \
-        "train/dog/same_pixels.png" in files_of(planted, "leak")
+    exact = {r["file"]: r for r in planted["kinds"]["exact_duplicate"]}
+    # the same pixels in a PNG, and three identical files (one kept): exact copies, all in exclude.txt
+    assert exact["train/dog/same_pixels.png"]["other"] == "train/dog/002.jpg"  # 002.jpg itself leaks (above)
+    copies = {"train/cat/x-1.jpg", "train/cat/x/1.jpg", "train/cat/y.jpg"}
+    assert {name for name in exact if name in copies} == copies - {"train/cat/x-1.jpg"}  # the first by name stays
+    assert all(exact[name]["other"] in copies - {name} for name in copies - {"train/cat/x-1.jpg"})
+    assert all("exact" in r["detail"] and r["score"] == "0" for r in exact.values())
+    assert set(exact) <= exclude and "train/cat/x-1.jpg" not in exclude
     near = {frozenset((r["file"], r["other"])) for r in planted["kinds"]["near_duplicate"]}
     assert frozenset(("train/fox/004.jpg", "train/fox/near_copy.jpg")) in near
     assert all(r["action"] == "review" for r in planted["kinds"]["near_duplicate"])
@@ -173,6 +187,7 @@ def test_quality_problems_each_have_their_finding(planted):
 
 def test_class_balance_flags_empty_and_tiny_classes_and_suggests_balancing(planted):
     assert files_of(planted, "empty_class") == {"train/yak/"}
+    assert files_of(planted, "stray_class") == {"test/emu/"}
     assert files_of(planted, "few_images") == {"train/owl/"}
     (imbalance,) = planted["kinds"]["imbalance"]
     assert "data.balance=sampler" in imbalance["detail"] and float(imbalance["score"]) > 3
@@ -230,6 +245,7 @@ def test_the_html_page_is_self_contained_and_every_thumbnail_is_a_finding_photo(
     parser.feed(page)
     parser.close()
     assert not parser.links  # nothing outside the page
+    assert "odd <b>&amp; name" not in page and "odd &lt;b&gt;&amp;amp; name.jpg" in page
     thumbnails = [attrs for attrs in parser.images if "data-file" in attrs]
     assert len(thumbnails) == planted["summary"]["thumbnails"] > 10
     named = {row["file"] for row in planted["rows"]} | {row["other"] for row in planted["rows"]}
@@ -247,8 +263,8 @@ def test_the_html_page_is_self_contained_and_every_thumbnail_is_a_finding_photo(
         assert f"| {kind} | {len(rows)} |" in markdown
 
 
-def test_a_second_audit_of_the_same_folder_decodes_and_embeds_nothing(planted):
-    again, rows, _ = audit(planted["work"], planted["root"])
+def test_a_second_audit_of_the_same_folder_decodes_and_embeds_nothing(planted, tmp_path):
+    again, rows, _ = audit(tmp_path, planted["root"], cache=planted["work"] / "cache")
     facts = again["facts"]
     assert facts["fingerprints"].startswith("0 computed")
     assert ": 0 computed" in facts["features"]
@@ -283,21 +299,22 @@ def test_an_unlabelled_test_folder_gets_an_estimate_of_unknown_photos(tmp_path):
 def test_exclude_txt_round_trips_into_training(planted, tmp_path):
     from animal_lightning.training import train
 
-    exclude = planted["out"] / "exclude.txt"
+    exclude = tmp_path / "exclude.txt"
+    shutil.copyfile(planted["out"] / "exclude.txt", exclude)
     listed = [line for line in exclude.read_text().splitlines() if line and not line.startswith("#")]
     with exclude.open("a") as handle:
         handle.write("train/cat/no_such_photo.jpg\n")
     root = tmp_path / "data"
-    shutil.copytree(planted["root"], root)
-    shutil.rmtree(root / "train" / "yak")  # an empty class stops training: the audit said to fix it
-    shutil.rmtree(root / "train" / "owl")
+    shutil.copytree(planted["root"], root, ignore=shutil.ignore_patterns("pipe.jpg"))
+    for fix in ("train/yak", "train/owl", "test/emu"):  # class folders that stop training: the audit said to fix them
+        shutil.rmtree(root / fix)
     cfg = compose_config("train", tmp_path, f"data.root={root}", f"data.exclude={exclude}", *FAST, "debug=fdr",
                          "data.batch_size=4")
     train(cfg)
     metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
-    kept = [line for line in listed if not line.startswith(("train/owl", "train/yak"))]
+    kept = [line for line in listed if line != "train/dog/pipe.jpg"]
     assert metrics["excluded_images"] == sorted(kept)
-    assert metrics["exclude_unmatched"] == ["train/cat/no_such_photo.jpg"]
+    assert metrics["exclude_unmatched"] == ["train/dog/pipe.jpg", "train/cat/no_such_photo.jpg"]  # not in the copy
     index = index_dataset(root, exclude=exclude)
     used = {Path(p).relative_to(root).as_posix() for p, _ in index.train + index.val + index.test}
     assert not used & set(kept)
@@ -307,15 +324,16 @@ def test_exclude_txt_round_trips_into_training(planted, tmp_path):
 def test_exclude_entries_are_paths_or_globs_relative_to_the_root_or_absolute(tmp_path):
     root = clean_folder(tmp_path / "data")
     listing = tmp_path / "leave_out.txt"
+    shutil.copyfile(root / "train" / "fox" / "005.jpg", root / "train" / "fox" / "photo[1].jpg")
     listing.write_text(f"# comment\n\ntrain/cat/000.jpg\n./train/dog/00[12].jpg\n{root}/train/fox/003.jpg\n"
-                       f"{root}/test/*/t000.jpg\ntrain/*/nothing*.jpg\n")
+                       f"{root}/test/*/t000.jpg\ntrain/*/nothing*.jpg\ntrain/fox/photo[1].jpg\n")
     index = index_dataset(root, exclude=listing)
     assert index.excluded == sorted(["train/cat/000.jpg", "train/dog/001.jpg", "train/dog/002.jpg",
                                      "train/fox/003.jpg", "test/cat/t000.jpg", "test/dog/t000.jpg",
-                                     "test/fox/t000.jpg"])
+                                     "test/fox/t000.jpg", "train/fox/photo[1].jpg"])  # that file, not photo1.jpg
     assert index.exclude_unmatched == ["train/*/nothing*.jpg"]
     used = {Path(p).relative_to(root).as_posix() for p, _ in index.train + index.val + index.test}
-    assert not used & set(index.excluded) and len(used) == 48 - 7
+    assert not used & set(index.excluded) and len(used) == 49 - 8
     relative = tmp_path / "data" / "mine.txt"  # a file name relative to the root works too
     relative.write_text("train/cat/000.jpg\n")
     assert index_dataset(root, exclude="mine.txt").excluded == ["train/cat/000.jpg"]
@@ -401,3 +419,32 @@ def test_findings_csv_has_one_row_per_file_and_finding(planted):
     assert header == ["finding", "file", "other", "score", "action", "detail"]
     pairs = [(row["finding"], row["file"]) for row in planted["rows"]]
     assert len(pairs) == len(set(pairs))
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("+duplicates.hash_bits=3", "duplicates.hash_bits is not a setting of duplicates"),
+    ("quality.min_side=-1", "quality.min_side=-1 must be a number of at least 0"),
+    ("labels.filter_by=magic", "labels.filter_by='magic' is not one of"),
+    ("labels.folds=1", "labels.folds=1 must be at least 2"),
+    ("features.precision=16", "features.precision='16' is not one of: auto, 32"),
+    ("features.batch_size=0", "features.batch_size=0 must be at least 1"),
+])
+def test_bad_audit_settings_stop_with_one_line(tmp_path, override, message):
+    from animal_lightning.errors import ModelConfigError
+
+    root = clean_folder(tmp_path / "data", per_class=2, test_per_class=0)
+    with pytest.raises(ModelConfigError) as raised:
+        audit(tmp_path, root, override)
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_one_class_and_an_empty_val_class_are_findings(tmp_path):
+    root = tmp_path / "data"
+    for i in range(3):
+        shapes(root / "train" / "cat" / f"{i}.jpg", HUES["cat"], seed=i)
+    (root / "val" / "cat").mkdir(parents=True)
+    summary, rows, _ = audit(tmp_path, root, "features.enabled=false")
+    kinds = by_kind(rows)
+    assert {r["file"] for r in kinds["one_class"]} == {"train/"}
+    assert {r["file"] for r in kinds["empty_class"]} == {"val/cat/"}
+    assert summary["facts"]["label check"] == "skipped (features.enabled=false)"

@@ -54,17 +54,31 @@ def class_counts(inventory: Inventory, usable: set[str]) -> dict[str, int]:
     return {name: counts.get(name, 0) for name in inventory.class_names}
 
 
-def balance_findings(inventory: Inventory, counts: dict[str, int], min_images: int, max_ratio: float
-                     ) -> list[Finding]:
+def balance_findings(inventory: Inventory, usable: set[str], min_images: int, max_ratio: float) -> list[Finding]:
+    """Class folders the DataModule would refuse (empty, stray, a single class) and thin or unbalanced classes."""
+    counts = class_counts(inventory, usable)
+    per_folder = Counter((e.split, e.label) for e in inventory.entries if e.path in usable and e.label is not None)
+    has_val = bool(inventory.classes["val"])
     found = []
+    for split in ("train", "val"):
+        for name in inventory.classes[split]:
+            if per_folder[(split, name)] == 0:
+                found.append(Finding("empty_class", f"{split}/{name}/", score=0, action="fix",
+                                     detail="no usable photo: training stops here; add photos or remove the folder"))
+    known = set(inventory.class_names)
+    for split in ("val", "test"):
+        for name in inventory.classes[split]:
+            if name not in known:
+                found.append(Finding("stray_class", f"{split}/{name}/", action="fix",
+                                     detail="a class folder without a train/ folder: training stops here; rename it "
+                                            "to a training class or remove it"))
+    if len(inventory.class_names) == 1:
+        found.append(Finding("one_class", "train/", inventory.class_names[0], action="fix",
+                             detail="one class folder: a classifier needs at least two; add the other classes"))
     for name, count in counts.items():
-        folder = f"train/{name}/"
-        if count == 0:
-            found.append(Finding("empty_class", folder, score=0, action="fix",
-                                 detail="no usable image: training stops here; add photos or remove the folder"))
-        elif count < min_images:
-            why = " (the validation split needs 2)" if count < 2 else ""
-            found.append(Finding("few_images", folder, score=count, action="fix",
+        if 0 < count < min_images:
+            why = " (a validation split needs 2: training stops here)" if count < 2 and not has_val else ""
+            found.append(Finding("few_images", f"train/{name}/", score=count, action="fix",
                                  detail=f"{count} usable photo(s){why}: add photos of this class"))
     present = [c for c in counts.values() if c > 0]
     if len(present) >= 2 and max(present) / min(present) > max_ratio:

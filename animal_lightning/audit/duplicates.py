@@ -145,24 +145,26 @@ def find_copies(entries: Sequence[Entry], prints: Sequence[Fingerprint], feature
     the kept copy; the nearest), so a chain of near pairs never pairs two photos that are not alike."""
     groups = _Groups(len(entries))
     partners: dict[int, dict[int, tuple[bool, int, float]]] = defaultdict(dict)
-    first: dict[str, int] = {}
+    # identical files (same bytes or same pixels) collapse onto one representative first: k copies of a
+    # placeholder photo make k links, not k * k pairs
+    representative: dict[str, int] = {}
     for i, item in enumerate(prints):
-        for key in (item.digest, "pixels:" + item.pixels):
-            if key in first and first[key] != i:
-                j = first[key]
-                groups.join(j, i)
-                partners[i][j] = partners[j][i] = (True, 0, 1.0)
-            first.setdefault(key, i)
-    for (i, j), (distance, similarity) in near_pairs(prints, features, settings.hash_distance,
-                                                      settings.feature_distance,
-                                                      settings.feature_similarity).items():
+        keys = (item.digest, "pixels:" + item.pixels)
+        found = next((representative[k] for k in keys if k in representative), None)
+        if found is None:
+            found = i
+        else:
+            groups.join(found, i)
+            partners[i][found] = partners[found][i] = (True, 0, 1.0)
+        for k in keys:
+            representative.setdefault(k, found)
+    heads = sorted({representative[item.digest] for item in prints})
+    near = near_pairs([prints[i] for i in heads], None if features is None else features[heads],
+                      settings.hash_distance, settings.feature_distance, settings.feature_similarity)
+    for (a, b), (distance, similarity) in near.items():
+        i, j = heads[a], heads[b]
         groups.join(i, j)
-        if j not in partners[i]:
-            partners[i][j] = partners[j][i] = (False, distance, similarity)
-    for i in partners:  # exact partners of exact partners (three copies of one file)
-        for j in [j for j in partners[i] if partners[i][j][0]]:
-            for k in [k for k in partners[j] if partners[j][k][0] and k != i]:
-                partners[i].setdefault(k, (True, 0, 1.0))
+        partners[i][j] = partners[j][i] = (False, distance, similarity)
     copies = []
     for members in groups.members():
         kept = _keeper(members, entries, prints)

@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from animal_lightning.audit.fingerprints import file_digest
 from animal_lightning.data.datasets import ImageFiles
 from animal_lightning.data.transforms import PreprocessSpec
 from animal_lightning.data.workers import loader_workers, worker_context
+from animal_lightning.errors import ModelConfigError
 from animal_lightning.hardware import cpu_has_fast_bf16
 from animal_lightning.models import probe
 from animal_lightning.models.backbones import create_backbone
@@ -43,14 +44,24 @@ class FeatureNetwork:
     net: nn.Module
     head: nn.Module  # the layer whose input is the feature vector
     spec: PreprocessSpec
-    key: str  # what the features depend on: network, weights, preprocessing
+    key: str  # what the features depend on: network, weights, preprocessing (and the precision, added below)
     description: str
+    bf16: bool = False  # bf16 autocast (where the CPU computes bf16 natively)
+
+    def with_precision(self, precision: str) -> FeatureNetwork:
+        """precision: auto (bf16 where the CPU has it natively, else fp32) or 32. Part of the cache key: bf16
+        and fp32 features differ in their last digits, and a cache shared by two machines must not mix them."""
+        if str(precision) not in ("auto", "32"):
+            raise ModelConfigError(f"features.precision={precision!r} is not one of: auto, 32")
+        bf16 = str(precision) == "auto" and cpu_has_fast_bf16()
+        return replace(self, bf16=bf16, key=json.dumps({"network": self.key, "bf16": bf16}),
+                       description=f"{self.description}, {'bf16' if bf16 else 'fp32'}")
 
     @classmethod
     def from_backbone(cls, name: str, pretrained: bool = True, image_size: int | None = None,
                       resize_mode: str = "crop") -> FeatureNetwork:
         backbone = create_backbone(name, 2, pretrained=pretrained, image_size=image_size)
-        spec = PreprocessSpec.from_dict({**backbone.spec.to_dict(), "resize_mode": resize_mode})
+        spec = replace(backbone.spec, resize_mode=resize_mode)
         weights = "ImageNet" if pretrained else "random (untrained)"
         key = json.dumps({"backbone": name, "pretrained": bool(pretrained), "spec": spec.to_dict(),
                           "version": FEATURE_VERSION}, sort_keys=True)
@@ -77,11 +88,11 @@ class FeatureCache:
         self.folder = folder
         self.vectors: dict[str, np.ndarray] = {}
         for listing in sorted(folder.glob("*.json")):
-            with contextlib.suppress(OSError, ValueError):
+            with contextlib.suppress(Exception):  # a damaged shard is skipped (its photos are computed again)
                 digests = json.loads(listing.read_text())
                 array = np.load(listing.with_suffix(".npy"), allow_pickle=False)
-                if array.ndim == 2 and len(array) == len(digests):
-                    self.vectors.update(zip(digests, array, strict=True))
+                if isinstance(digests, list) and array.ndim == 2 and len(array) == len(digests):
+                    self.vectors.update(zip(map(str, digests), array, strict=True))
 
     def add(self, digests: Sequence[str], array: np.ndarray) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -95,19 +106,22 @@ class FeatureCache:
 
 
 @torch.no_grad()
-def _compute(network: FeatureNetwork, paths: Sequence[str], batch_size: int, num_workers: int | str) -> np.ndarray:
+def _compute(network: FeatureNetwork, paths: Sequence[str], batch_size: int, num_workers: int | str
+             ) -> tuple[np.ndarray, list[str]]:
+    """Features of `paths` and, per photo, why it could not be decoded now ("" when it was)."""
     workers = loader_workers(num_workers, len(paths), batch_size)
     loader = DataLoader(ImageFiles([Path(p) for p in paths], network.spec), batch_size=batch_size,
                         num_workers=workers, multiprocessing_context=worker_context(workers))
     net = network.net.eval().to(memory_format=torch.channels_last)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cpu_has_fast_bf16() else contextlib.nullcontext()
-    chunks = []
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if network.bf16 else contextlib.nullcontext()
+    chunks, reasons = [], []
     with probe.capture_inputs(network.head) as captured:
-        for images, _ in loader:
+        for images, errors in loader:
             with autocast:
                 net(images.contiguous(memory_format=torch.channels_last))
             chunks.append(captured.pop().flatten(1).float().numpy())
-    return np.concatenate(chunks)
+            reasons.extend(errors)
+    return np.concatenate(chunks), reasons
 
 
 def image_features(network: FeatureNetwork, paths: Sequence[str], digests: Sequence[str], cache_root: Path | None,
@@ -118,12 +132,12 @@ def image_features(network: FeatureNetwork, paths: Sequence[str], digests: Seque
     todo = list(dict.fromkeys(d for d in digests if d not in known))  # a photo stored twice is computed once
     fresh: dict[str, np.ndarray] = {}
     if todo:
-        first = {d: p for p, d in zip(paths, digests, strict=True)}
-        todo_paths = [first[d] for d in todo]
+        path_of = {d: p for p, d in zip(paths, digests, strict=True)}
         log.info("features of %d photos with %s", len(todo), network.description)
-        array = _compute(network, todo_paths, batch_size, num_workers)
+        array, reasons = _compute(network, [path_of[d] for d in todo], batch_size, num_workers)
         fresh = dict(zip(todo, array, strict=True))
-        if cache is not None:
-            cache.add(todo, array)
+        decoded = [n for n, reason in enumerate(reasons) if not reason]  # a file changed since it was fingerprinted
+        if cache is not None and decoded:
+            cache.add([todo[n] for n in decoded], array[decoded])
     vectors = [fresh[d] if d in fresh else known[d] for d in digests]
     return (np.stack(vectors) if vectors else np.zeros((0, 0), np.float32)), len(todo)

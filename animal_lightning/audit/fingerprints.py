@@ -13,9 +13,11 @@ content digest, so a second audit of the same folder decodes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -27,9 +29,11 @@ from PIL import Image, ImageFilter, ImageOps
 from animal_lightning.atomic import write_text_atomic
 from animal_lightning.data.images import image_problem, load_rgb
 
-FINGERPRINT_VERSION = 2  # bump when a statistic's definition changes: older cached fingerprints are recomputed
+FINGERPRINT_VERSION = 3  # bump when a statistic's definition changes: older cached fingerprints are recomputed
 HASH_SIZE = 16  # pHash bits = HASH_SIZE ** 2
 CROP = 0.95  # the crops hashed besides the whole photo: a copy cropped by up to 1 - CROP still matches one
+HASH_SIDE = 512  # hashes are taken on a copy at most this large: pHash looks at 64 x 64 px anyway, and nine crops
+# and a mirror of an 80-megapixel photo at full size would take gigabytes
 STATS_SIDE = 256  # quality statistics are taken on a copy whose longer side is at most this (like a viewer would)
 _CHUNK = 1 << 20
 
@@ -88,23 +92,29 @@ def fingerprint(path: str | os.PathLike, digest: str) -> Fingerprint:
     if problem is not None:
         return Fingerprint(digest, problem=problem)
     try:
-        with Image.open(path) as raw:
-            mode, alpha = raw.mode, _has_alpha(raw)
-        rgb = load_rgb(path)  # refuses decompression bombs before decoding, applies EXIF orientation
-    except Exception as error:  # a file that passed the check but fails a full decode (truncated past the draft)
-        return Fingerprint(digest, problem=f"{type(error).__name__}: {error}".strip())
+        return _measure(path, digest)
+    except Exception as error:  # a file that passed the check but fails a full decode, or too large to hold
+        return Fingerprint(digest, problem=f"{type(error).__name__}: {error}".strip().replace("\n", " "))
+
+
+def _measure(path: str | os.PathLike, digest: str) -> Fingerprint:
+    with Image.open(path) as raw:
+        mode, alpha = raw.mode, _has_alpha(raw)
+    rgb = load_rgb(path)  # refuses decompression bombs before decoding, applies EXIF orientation
     pixels = hashlib.sha256(f"{rgb.width}x{rgb.height}".encode())
     pixels.update(rgb.tobytes())
-    small = rgb.copy()
-    small.thumbnail((STATS_SIDE, STATS_SIDE), Image.Resampling.BILINEAR)
-    grey = small.convert("L")
+    width, height = rgb.size
+    rgb.thumbnail((HASH_SIDE, HASH_SIDE), Image.Resampling.BILINEAR)
+    hashes = perceptual_hashes(rgb)
+    rgb.thumbnail((STATS_SIDE, STATS_SIDE), Image.Resampling.BILINEAR)
+    grey = rgb.convert("L")
     luminance = np.asarray(grey, dtype=np.float32)
-    channels = np.asarray(small, dtype=np.float32)
+    channels = np.asarray(rgb, dtype=np.float32)
     edges = np.asarray(grey.filter(ImageFilter.Kernel((3, 3), (0, 1, 0, 1, -4, 1, 0, 1, 0), 1, 128)),
                        dtype=np.float32)
     colour = np.abs(channels - channels.mean(axis=2, keepdims=True)).mean()
     return Fingerprint(
-        digest, pixels=pixels.hexdigest(), hashes=perceptual_hashes(rgb), width=rgb.width, height=rgb.height, mode=mode,
+        digest, pixels=pixels.hexdigest(), hashes=hashes, width=width, height=height, mode=mode,
         alpha=alpha, brightness=float(luminance.mean()), dark=float(np.percentile(luminance, 99)),
         light=float(np.percentile(luminance, 1)), contrast=float(luminance.std()),
         sharpness=float(edges[1:-1, 1:-1].std()) if min(edges.shape) > 2 else 0.0, colourfulness=float(colour))
@@ -120,7 +130,7 @@ class FingerprintCache:
         self.entries: dict[str, dict] = {}
         try:
             stored = json.loads(self.path.read_text())
-            if stored.get("version") == FINGERPRINT_VERSION:
+            if stored.get("version") == FINGERPRINT_VERSION and isinstance(stored["fingerprints"], dict):
                 self.entries = stored["fingerprints"]
         except (OSError, ValueError, KeyError, AttributeError, TypeError):
             pass  # missing or damaged: start again (it is only a cache)
@@ -130,8 +140,11 @@ class FingerprintCache:
         if entry is None:
             return None
         try:
-            return Fingerprint(**{**entry, "hashes": tuple(entry.get("hashes", ()))})
-        except TypeError:
+            item = Fingerprint(**{**entry, "hashes": tuple(entry.get("hashes", ()))})
+            for value in item.hashes:
+                bytes.fromhex(value)
+            return item
+        except (TypeError, AttributeError, ValueError):  # a damaged entry: computed again
             return None
 
     def put(self, found: Sequence[Fingerprint]) -> None:
@@ -144,19 +157,25 @@ class FingerprintCache:
 
 def fingerprint_files(paths: Sequence[str], cache: FingerprintCache | None, workers: int = 2,
                       progress: Callable[[int, int], None] | None = None) -> tuple[list[Fingerprint], int]:
-    """Every file's fingerprint, in order, and how many were computed (not found in the cache).
+    """Every file's fingerprint, in order, and how many photos were decoded (not found in the cache; files that
+    cannot even be read are not counted).
 
     Threads: hashing and PIL's decoders release the GIL."""
     def digest_or_none(path: str) -> str:
         try:
             return file_digest(path)
         except OSError as error:  # a dangling link, a link loop, no permission: still one finding, by path
-            return "unreadable:" + hashlib.sha256(f"{path}\0{error.strerror}".encode()).hexdigest()
+            return "unreadable:" + hashlib.sha256(f"{path}\0{error.strerror}".encode("utf-8", "surrogateescape")
+                                                  ).hexdigest()
 
     def one(path: str) -> tuple[Fingerprint, bool]:
+        with contextlib.suppress(OSError):  # a FIFO or a device named *.jpg would block or never end
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                return Fingerprint("unreadable:" + hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest(),
+                                   problem="not a regular file (a pipe, device or socket)"), False
         digest = digest_or_none(path)
         if digest.startswith("unreadable:"):
-            return Fingerprint(digest, problem=image_problem(path) or "cannot read the file"), True
+            return Fingerprint(digest, problem=image_problem(path) or "cannot read the file"), False
         cached = cache.get(digest) if cache else None
         return (cached, False) if cached is not None else (fingerprint(path, digest), True)
 

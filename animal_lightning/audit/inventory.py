@@ -32,6 +32,7 @@ class Inventory:
     entries: list[Entry]
     classes: dict[str, list[str]]  # each split's class folders (empty ones included)
     other_files: list[Entry] = field(default_factory=list)  # files of types the loader does not read
+    unreadable_folders: list[tuple[Entry, str]] = field(default_factory=list)  # sub-folders os.walk could not list
 
     @property
     def class_names(self) -> list[str]:
@@ -44,10 +45,13 @@ class Inventory:
         return [e for e in self.entries if e.label is None]
 
 
-def _walk(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(image files, other visible files) below `folder`, sorted; symlinked folders are not followed."""
+def _walk(folder: Path, failed: list[tuple[Path, str]]) -> tuple[list[Path], list[Path]]:
+    """(image files, other visible files) below `folder`, sorted; symlinked folders are not followed; folders
+    that cannot be listed are added to `failed` with the reason."""
     images, others = [], []
-    for current, dirs, files in os.walk(folder, followlinks=False):
+    for current, dirs, files in os.walk(folder, followlinks=False,
+                                        onerror=lambda error: failed.append((Path(error.filename),
+                                                                             error.strerror or str(error)))):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in files:
             if name.startswith("."):
@@ -71,23 +75,31 @@ def take_inventory(root: str | Path) -> Inventory:
     def add(paths: list[Path], split: str, label: str | None, into: list[Entry]) -> None:
         into.extend(Entry(str(p), p.relative_to(root).as_posix(), split, label) for p in paths)
 
+    failed: list[tuple[Path, str]] = []
     for split in SPLITS:
         folder = root / split
         classes[split] = []
         if not folder.is_dir():
             continue
-        for class_dir in class_folders(folder):
-            images, other = _walk(class_dir)
+        try:
+            class_dirs = class_folders(folder)
+            flat = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        except OSError as error:
+            raise DataError(f"cannot read {folder}: {error.strerror}; give yourself read access to the dataset "
+                            "(chmod -R u+rX)") from None
+        for class_dir in class_dirs:
+            images, other = _walk(class_dir, failed)
             if split == "test" and not images and not other:
                 continue  # an empty folder in test/ is no class (the DataModule ignores it too)
             classes[split].append(class_dir.name)
             add(images, split, class_dir.name, entries)
             add(other, split, class_dir.name, others)
         if split == "test":  # a flat test folder: its own files are unlabelled photos
-            flat = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
             add([p for p in flat if is_image_name(p.name)], split, None, entries)
             add([p for p in flat if not is_image_name(p.name)], split, None, others)
     if not classes["train"]:
         raise DataError(f"{root / 'train'} has no class folders: put each class's images in "
                         f"{root / 'train'}/<class_name>/")
-    return Inventory(root, entries, classes, others)
+    unreadable = [(Entry(str(p), p.relative_to(root).as_posix() + "/", p.relative_to(root).parts[0], None), why)
+                  for p, why in failed]
+    return Inventory(root, entries, classes, others, unreadable)

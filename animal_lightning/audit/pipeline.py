@@ -8,13 +8,14 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from animal_lightning.atomic import atomic_file, write_text_atomic
+from animal_lightning.atomic import atomic_file
 from animal_lightning.audit import report
 from animal_lightning.audit.checks import QualitySettings, balance_findings, class_counts, quality_findings
 from animal_lightning.audit.duplicates import Copy, DuplicateSettings, find_copies
@@ -54,6 +55,9 @@ def file_findings(inventory: Inventory, prints: Sequence[Fingerprint]) -> list[F
     found += [Finding("not_an_image", e.rel, detail=f"{Path(e.rel).suffix or 'no extension'}: not a type the loader "
                       "reads (jpg, jpeg, png, bmp, webp); convert it to use it")
               for e in inventory.other_files]
+    found += [Finding("unreadable", e.rel, action="fix", detail=f"folder cannot be listed ({why}): its photos are "
+                      "missing from training; give read access (chmod -R u+rX)")
+              for e, why in inventory.unreadable_folders]
     return found
 
 
@@ -96,9 +100,9 @@ def label_findings(cfg, cache_root: Path | None, network: FeatureNetwork, invent
     labels = np.array([index[entries[usable[k]].label] for k in labelled], dtype=np.int64)
     settings = {"folds": int(cfg.labels.folds), "seed": int(cfg.labels.seed), "max_iter": int(cfg.labels.max_iter),
                 "keep": float(cfg.labels.open_set_keep), "filter_by": str(cfg.labels.filter_by)}
-    key = _digest({"network": network.key, "labelled": [(prints[usable[k]].digest, int(v)) for k, v in
-                                                         zip(labelled, labels, strict=True)],
-                   "flat": [prints[usable[k]].digest for k in flat], "version": 2, **settings})
+    key = _digest({"network": network.key, "classes": class_names, "version": 2, **settings,
+                   "labelled": [(prints[usable[k]].digest, int(v)) for k, v in zip(labelled, labels, strict=True)],
+                   "flat": [prints[usable[k]].digest for k in flat]})
     stored = cache_root / f"labels-{key}.npz" if cache_root is not None else None
     facts: dict = {}
     check: LabelCheck | None = None
@@ -115,7 +119,7 @@ def label_findings(cfg, cache_root: Path | None, network: FeatureNetwork, invent
                     typical, threshold = saved["typical"], float(saved["threshold"])
             facts["label check"] = "cached"
             cached = True
-        except (OSError, ValueError, KeyError):
+        except Exception:  # a damaged cache file (zip, arrays, keys): computed again
             check, typical, threshold = None, None, None
     if not cached:
         started = time.perf_counter()
@@ -175,13 +179,36 @@ def feature_network(cfg) -> FeatureNetwork:
         if not path.is_file():
             raise DataError(f"checkpoint {path} not found: set ckpt_path=<run>/checkpoints/best.ckpt or null "
                             "(then features.backbone's ImageNet weights are used)")
-        return FeatureNetwork.from_checkpoint(path)
-    return FeatureNetwork.from_backbone(str(cfg.features.backbone), bool(cfg.features.pretrained),
-                                        cfg.features.get("image_size"), str(cfg.features.get("resize_mode", "crop")))
+        network = FeatureNetwork.from_checkpoint(path)
+    else:
+        network = FeatureNetwork.from_backbone(str(cfg.features.backbone), bool(cfg.features.pretrained),
+                                               cfg.features.get("image_size"),
+                                               str(cfg.features.get("resize_mode", "crop")))
+    return network.with_precision(str(cfg.features.get("precision", "auto")))
+
+
+def _settings(name: str, block, kind):
+    """A config block as `kind`'s arguments: an unknown key or a value of the wrong type is one line."""
+    values = OmegaConf.to_container(block) if block is not None else {}
+    accepted = {f.name: f.type for f in fields(kind)}
+    for key, value in values.items():
+        if key not in accepted:
+            raise ModelConfigError(f"{name}.{key} is not a setting of {name}: use {', '.join(accepted)}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ModelConfigError(f"{name}.{key}={value!r} must be a number of at least 0")
+    return kind(**values)
 
 
 def check_settings(cfg) -> None:
     """The audit's own settings, checked before anything runs (one line each)."""
+    _settings("duplicates", cfg.get("duplicates"), DuplicateSettings)
+    _settings("quality", cfg.get("quality"), QualitySettings)
+    for key in ("batch_size",):
+        if int(cfg.features[key]) < 1:
+            raise ModelConfigError(f"features.{key}={cfg.features[key]} must be at least 1")
+    if int(cfg.report.rows_per_section) < 0 or int(cfg.workers) < 1:
+        raise ModelConfigError(f"report.rows_per_section={cfg.report.rows_per_section} must be at least 0 and "
+                               f"workers={cfg.workers} at least 1")
     if str(cfg.labels.filter_by) not in FILTERS:
         raise ModelConfigError(f"labels.filter_by={cfg.labels.filter_by!r} is not one of: {', '.join(FILTERS)}")
     if int(cfg.labels.folds) < 2:
@@ -223,19 +250,21 @@ def run_audit(cfg) -> dict:
                                             batch_size=int(cfg.features.batch_size),
                                             num_workers=cfg.features.num_workers)
         facts["features"] = f"{network.description}: {computed} computed, {len(usable) - computed} cached"
-    duplicates = DuplicateSettings(**OmegaConf.to_container(cfg.duplicates))
+    duplicates = _settings("duplicates", cfg.duplicates, DuplicateSettings)
     copies = find_copies([entries[i] for i in usable], [prints[i] for i in usable], features, duplicates)
     findings += copy_findings(copies)
     findings += quality_findings([entries[i] for i in usable], [prints[i] for i in usable],
-                                 QualitySettings(**OmegaConf.to_container(cfg.quality)))
-    counts = class_counts(inventory, {entries[i].path for i in usable})
-    findings += balance_findings(inventory, counts, int(cfg.balance.min_images), float(cfg.balance.max_ratio))
+                                 _settings("quality", cfg.quality, QualitySettings))
+    usable_paths = {entries[i].path for i in usable}
+    counts = class_counts(inventory, usable_paths)
+    findings += balance_findings(inventory, usable_paths, int(cfg.balance.min_images), float(cfg.balance.max_ratio))
     if features is not None:
         found, label_facts = label_findings(cfg, cache_root, network, inventory, usable, prints, features)
         findings += found
         facts.update(label_facts)
     else:
-        facts["label check"] = "skipped (features.enabled=false)"
+        facts["label check"] = ("skipped (features.enabled=false)" if network is None
+                                else "skipped: no usable photo")
 
     order = {kind: n for n, kind in enumerate(KINDS)}
     findings.sort(key=lambda f: order[f.kind])  # stable: each check's own order within a kind
@@ -251,7 +280,7 @@ def run_audit(cfg) -> dict:
     counts_by_kind = {kind: sum(1 for f in findings if f.kind == kind) for kind in KINDS}
     summary = {"root": str(root), "output": str(output), "counts": counts_by_kind, "excluded": len(excluded),
                "facts": facts, "thumbnails": thumbnails, "class_counts": counts}
-    write_text_atomic(output / "summary.json", json.dumps(summary, indent=1) + "\n")
+    report.write_text(output / "summary.json", json.dumps(summary, indent=1) + "\n")
     say("\n".join(report.summary_lines(findings)))
     say(f"{len(excluded)} files suggested for exclusion: {output / 'exclude.txt'} "
         f"(python train.py data.exclude={output / 'exclude.txt'})")

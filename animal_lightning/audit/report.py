@@ -17,12 +17,18 @@ from pathlib import Path
 
 from PIL import Image
 
-from animal_lightning.atomic import write_text_atomic
+from animal_lightning.atomic import write_bytes_atomic
 from animal_lightning.audit.findings import DESCRIPTIONS, KINDS, SECTIONS, Finding
 from animal_lightning.data.images import load_rgb
 
 THUMBNAIL = 96  # px, the longer side
-_PHOTO_KINDS = frozenset(KINDS) - {"empty_class", "few_images", "imbalance", "not_an_image", "unreadable"}
+_PHOTO_KINDS = frozenset(KINDS) - {"empty_class", "stray_class", "one_class", "few_images", "imbalance",
+                                   "not_an_image", "unreadable"}
+
+
+def write_text(path: Path, text: str) -> None:
+    """UTF-8, with file names that are not UTF-8 written back as their own bytes (surrogateescape)."""
+    write_bytes_atomic(path, text.encode("utf-8", "surrogateescape"))
 
 
 def write_findings_csv(findings: Sequence[Finding], path: Path) -> None:
@@ -31,7 +37,7 @@ def write_findings_csv(findings: Sequence[Finding], path: Path) -> None:
                             lineterminator="\n")
     writer.writeheader()
     writer.writerows(f.row() for f in findings)
-    write_text_atomic(path, buffer.getvalue())
+    write_text(path, buffer.getvalue())
 
 
 def exclusions(findings: Sequence[Finding]) -> list[str]:
@@ -43,7 +49,7 @@ def write_exclude(findings: Sequence[Finding], path: Path) -> list[str]:
     files = exclusions(findings)
     header = ("# Files the audit suggests leaving out of training, relative to the data root (one a line; globs "
               "work too).\n# Use: python train.py data.exclude=" + str(path) + "\n")
-    write_text_atomic(path, header + "".join(f"{name}\n" for name in files))
+    write_text(path, header + "".join(f"{name}\n" for name in files))
     return files
 
 
@@ -67,7 +73,7 @@ def write_markdown(findings: Sequence[Finding], facts: dict, path: Path, rows_pe
                       for f in rows[:rows_per_section]]
             if len(rows) > rows_per_section:
                 lines.append(f"\n... and {len(rows) - rows_per_section} more in findings.csv")
-    write_text_atomic(path, "\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def thumbnail_uri(path: str) -> str | None:
@@ -170,7 +176,7 @@ def write_html(findings: Sequence[Finding], facts: dict, paths: dict[str, str], 
         if len(rows) > rows_per_section:
             parts.append(f"<p>... and {len(rows) - rows_per_section} more in findings.csv</p>")
     parts.append("</body></html>")
-    write_text_atomic(path, "\n".join(parts) + "\n")
+    write_text(path, "\n".join(parts) + "\n")
     return thumbnails
 
 

@@ -106,10 +106,11 @@ def _leave_out_bad(by_class: dict[str, list[Path]], bad: dict[str, str]) -> dict
     return {name: [p for p in files if str(p) not in bad] for name, files in by_class.items()}
 
 
-def _require_usable(by_class: dict[str, list[Path]], split_dir: Path) -> None:
+def _require_usable(by_class: dict[str, list[Path]], split_dir: Path, excluded: bool = False) -> None:
     for name, files in by_class.items():
         if not files:
-            raise DataError(f"class folder {split_dir / name} has no usable image (jpg, jpeg, png, bmp, webp): "
+            hint = " (data.exclude left out the rest)" if excluded else ""
+            raise DataError(f"class folder {split_dir / name} has no usable image (jpg, jpeg, png, bmp, webp){hint}: "
                             "add images or remove the folder")
 
 
@@ -130,9 +131,10 @@ def read_exclude_file(exclude: str | Path, root: Path) -> tuple[Path, list[str]]
     if not path.is_file() and not path.is_absolute() and (root / path).is_file():
         path = root / path
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        reason = getattr(error, "strerror", None) or "not a UTF-8 text file"
+        # surrogateescape: file names that are not UTF-8 come back as the bytes the audit wrote
+        lines = path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+    except OSError as error:
+        reason = error.strerror or str(error)
         raise DataError(f"cannot read data.exclude file {path}: {reason}; set data.exclude to a file of paths "
                         "(one a line, relative to the data root), e.g. an audit's exclude.txt, or to null") from error
     return path, [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
@@ -140,7 +142,8 @@ def read_exclude_file(exclude: str | Path, root: Path) -> tuple[Path, list[str]]
 
 def match_exclusions(entries: list[str], files: list[Path], root: Path) -> tuple[set[Path], list[str]]:
     """The files that `entries` name (paths or globs, relative to `root` or absolute; a glob's * also crosses
-    folders) and the entries that name none."""
+    folders; an entry that is a file's exact name is that file, even with [ ] * ? in it) and the entries that
+    name none."""
     base = Path(os.path.abspath(root))
     relative = {f: Path(os.path.abspath(f)).relative_to(base).as_posix() for f in files}
     by_name = {name: f for f, name in relative.items()}
@@ -150,11 +153,13 @@ def match_exclusions(entries: list[str], files: list[Path], root: Path) -> tuple
     for entry in entries:
         absolute = os.path.isabs(os.path.expanduser(entry))
         pattern = os.path.abspath(os.path.expanduser(entry)) if absolute else entry.removeprefix("./")
-        if _GLOB & set(entry):
+        if pattern in by_name:  # a file's own name first: photo[1].jpg is that file, not a pattern
+            hits = {by_name[pattern]}
+        elif _GLOB & set(entry):
             hits = {f for f, name in relative.items()
                     if fnmatch.fnmatchcase(os.path.abspath(f) if absolute else name, pattern)}
         else:
-            hits = {by_name[pattern]} if pattern in by_name else set()
+            hits = set()
         if not hits:
             unmatched.append(entry)
         matched |= hits
@@ -215,7 +220,7 @@ def index_dataset(root: str | Path, *, val_fraction: float = 0.15, seed: int = 4
             for group in (train_by_class, val_by_class, test_by_class))
         flat_test = [(p, c) for p, c in flat_test if str(p) in keep]
         novel_test = [(p, c) for p, c in novel_test if str(p) in keep]
-        _require_usable(train_by_class, train_dir)
+        _require_usable(train_by_class, train_dir, excluded=True)
 
     bad: dict[str, str] = {}
     if check_images:
