@@ -142,7 +142,7 @@ def find_copies(entries: Sequence[Entry], prints: Sequence[Fingerprint], feature
     """Every copy of another photo among `entries` (all decodable; `prints` and `features` row-aligned).
 
     Each copy is reported against a direct partner (an evaluation copy for a leak; one under another class;
-    the kept copy; the nearest), so a chain of near pairs never pairs two photos that are not alike."""
+    the closest; the kept one), so a chain of near pairs never pairs two photos that are not alike."""
     groups = _Groups(len(entries))
     partners: dict[int, dict[int, tuple[bool, int, float]]] = defaultdict(dict)
     # identical files (same bytes or same pixels) collapse onto one representative first: k copies of a
@@ -172,9 +172,9 @@ def find_copies(entries: Sequence[Entry], prints: Sequence[Fingerprint], feature
             a = entries[i]
 
             def nearest(candidates: list[int], a: Entry = a, i: int = i, kept: int = kept) -> int:
-                return min(candidates, key=lambda other: (entries[other].label == a.label, other != kept,
-                                                          not partners[i][other][0], partners[i][other][1],
-                                                          entries[other].rel))
+                # another class first (a conflict), then the closest copy (exact before near), then the kept one
+                return min(candidates, key=lambda other: (entries[other].label == a.label, not partners[i][other][0],
+                                                          partners[i][other][1], other != kept, entries[other].rel))
 
             # a copy of a photo in a split that is evaluated before its own (test before val before train) leaks
             # it: the finding is this copy, the one to leave out
