@@ -15,7 +15,10 @@ untouched audit, which holds the folder's own suspects). The untouched audit's f
 reported: what the audit finds in the real folder. Prints JSON, then a one-line summary.
 
     python bench/audit.py [--data ../shared/data/caltech101] [--exact 50] [--near 50] [--swap 0.03]
-        [--limit-per-class N] [--audit-args "features.batch_size=64 ..."]
+        [--limit-per-class N] [--audit-args "features.batch_size=64 ..."] [--filters all]
+
+--filters audits the planted copy again with each of cleanlab's label filters (the cross-validated
+probabilities are cached, so each costs seconds) and reports each one's recall and precision.
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ def plant(root: Path, exact: int, near: int, swap: float, seed: int) -> dict:
         split, label, name = rel.split("/")
         kind = "exact" if n < exact else "near"
         target = f"{other[split]}/{label}/planted_{kind}_{n:03d}_{Path(name).stem}.jpg"
+        (root / target).parent.mkdir(parents=True, exist_ok=True)
         if kind == "exact":
             shutil.copyfile(root / rel, root / target)
         else:
@@ -180,6 +184,8 @@ def main() -> None:
     parser.add_argument("--limit-per-class", type=int, default=None, help="link at most this many photos a class")
     parser.add_argument("--audit-args", default="", help="more audit.py overrides, e.g. features.batch_size=64")
     parser.add_argument("--keep", type=Path, default=None, help="keep the audits' folders here")
+    parser.add_argument("--filters", default="", help="also audit the planted copy with each of these cleanlab "
+                        "filters (comma-separated, or all) and compare their label-issue recall and precision")
     args = parser.parse_args()
     if not (args.data / "train").is_dir():
         raise SystemExit(f"no train/ folder in {args.data}: pass --data /path/to/a/labelled/folder")
@@ -194,6 +200,13 @@ def main() -> None:
         planted = plant(dirty, args.exact, args.near, args.swap, args.seed)
         report, rows, planted_s = run_audit(dirty, cache, work / "audit_planted", extra)
         scores = score(planted, clean_rows, rows)
+        filters = {}
+        if args.filters:
+            from animal_lightning.audit.labels import FILTERS
+
+            for name in FILTERS if args.filters == "all" else args.filters.split(","):
+                _, filtered, _ = run_audit(dirty, cache, work / f"audit_{name}", [*extra, f"labels.filter_by={name}"])
+                filters[name] = score(planted, clean_rows, filtered)["swapped"]
         summary = {
             "benchmark": "audit", "machine": cpu_description(), "data": str(args.data),
             "photos": first["facts"]["photos"], "classes": first["facts"]["classes"],
@@ -202,6 +215,7 @@ def main() -> None:
             "first_audit_s": round(first_s, 1), "second_audit_s": round(second_s, 1),
             "planted_audit_s": round(planted_s, 1), "planted_audit_facts": report["facts"],
             **scores,
+            **({"filters": filters} if filters else {}),
             "untouched": {"counts": {k: v for k, v in first["counts"].items() if v}, "excluded": first["excluded"],
                           "duplicate_examples": examples(clean_rows, DUPLICATE_KINDS),
                           "label_issue_examples": examples(clean_rows, ("label_issue",))},

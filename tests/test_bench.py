@@ -130,3 +130,14 @@ def test_model_zoo_builds_each_models_engines(tmp_path):
                         "--steps", "1", "--engines", "compiled,int8", cwd=tmp_path)
     (row,) = summary["models"]
     assert row["model"] == "resnet18" and row["compiled_images_per_s"] > 0 and row["int8_images_per_s"] > 0
+
+
+def test_audit_bench_plants_defects_and_scores_them(tmp_path, photos):
+    summary = run_bench("audit.py", "--data", str(photos), "--exact", "2", "--near", "2", "--swap", "0.1",
+                        "--filters", "low_self_confidence,prune_by_noise_rate",
+                        "--audit-args", "features.image_size=32 features.num_workers=0", cwd=tmp_path)
+    assert summary["photos"] == 36 and summary["exact"]["planted"] == 2 and summary["near"]["planted"] == 2
+    assert summary["exact"]["recall"] == 1.0  # the same bytes are always found
+    assert summary["swapped"]["planted"] == 3
+    assert set(summary["filters"]) == {"low_self_confidence", "prune_by_noise_rate"}
+    assert summary["second_audit_s"] > 0 and "counts" in summary["untouched"]

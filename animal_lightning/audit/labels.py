@@ -31,13 +31,42 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LabelCheck:
-    probabilities: np.ndarray  # N x C out-of-sample probabilities of the checked photos
+    """The cross-validation's outcome (what the audit caches); `issues` applies cleanlab's filter to it."""
+
+    probabilities: np.ndarray  # N x C out-of-sample probabilities of the checked photos, over the usable classes
     checked: np.ndarray  # indices (into the labelled photos) that were checked
-    issues: list[int]  # indices into the labelled photos, most suspect first
-    quality: np.ndarray  # N: self-confidence of the given label (low: suspect)
+    given: np.ndarray  # N: each checked photo's class, as an index into `usable`
+    usable: np.ndarray  # the class indices (into the class names) that were checked
     folds: int
     skipped_classes: list[str]  # classes with too few photos to hold one out
-    cv_accuracy: float  # the out-of-sample accuracy: how well the features separate the classes
+
+    @property
+    def cv_accuracy(self) -> float:
+        """The out-of-sample accuracy: how well the features separate the classes."""
+        return float((self.probabilities.argmax(1) == self.given).mean())
+
+    def issues(self, filter_by: str = "low_self_confidence") -> list[tuple[int, int, float, float]]:
+        """(row into `checked`, suggested class index, its probability, the label's self-confidence) for each
+        likely wrong label, most suspect first."""
+        from cleanlab.filter import find_label_issues
+        from cleanlab.rank import get_label_quality_scores
+
+        found = find_label_issues(self.given, self.probabilities, filter_by=filter_by,
+                                  return_indices_ranked_by="self_confidence", n_jobs=1)
+        quality = get_label_quality_scores(self.given, self.probabilities)
+        best = self.probabilities.argmax(1)
+        return [(int(n), int(self.usable[best[n]]), float(self.probabilities[n, best[n]]), float(quality[n]))
+                for n in found]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"probabilities": self.probabilities, "checked": self.checked, "given": self.given,
+                "usable": self.usable, "folds": np.array(self.folds),
+                "skipped": np.array(self.skipped_classes, dtype=str)}
+
+    @classmethod
+    def from_arrays(cls, saved) -> LabelCheck:
+        return cls(saved["probabilities"], saved["checked"], saved["given"], saved["usable"], int(saved["folds"]),
+                   [str(v) for v in saved["skipped"]])
 
 
 def _fold_of(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -72,11 +101,9 @@ FILTERS = ("low_self_confidence", "low_normalized_margin", "prune_by_noise_rate"
 
 
 def check_labels(features: np.ndarray, labels: np.ndarray, class_names: list[str], *, folds: int = 5,
-                 seed: int = 0, max_iter: int = 200, filter_by: str = "low_self_confidence") -> LabelCheck | None:
-    """cleanlab's label issues among the labelled photos (features row-aligned with labels, class indices)."""
-    from cleanlab.filter import find_label_issues
-    from cleanlab.rank import get_label_quality_scores
-
+                 seed: int = 0, max_iter: int = 200) -> LabelCheck | None:
+    """Out-of-sample probabilities of the labelled photos (features row-aligned with labels, class indices);
+    None with fewer than two classes of two photos."""
     counts = np.bincount(labels, minlength=len(class_names))
     usable = [c for c in range(len(class_names)) if counts[c] >= 2]
     skipped = [class_names[c] for c in range(len(class_names)) if 0 < counts[c] < 2]
@@ -85,16 +112,10 @@ def check_labels(features: np.ndarray, labels: np.ndarray, class_names: list[str
     folds = int(max(2, min(folds, min(counts[c] for c in usable))))
     checked = np.flatnonzero(np.isin(labels, usable))
     remap = {c: i for i, c in enumerate(usable)}
-    local = np.array([remap[int(v)] for v in labels[checked]], dtype=np.int64)
-    x = features[checked].astype(np.float32)
-    probabilities = out_of_sample_probabilities(x, local, len(usable), folds, seed, max_iter)
-    found = find_label_issues(local, probabilities, filter_by=filter_by, return_indices_ranked_by="self_confidence",
-                              n_jobs=1)
-    quality = get_label_quality_scores(local, probabilities)
-    full = np.zeros((len(checked), len(class_names)))
-    full[:, usable] = probabilities
-    accuracy = float((probabilities.argmax(1) == local).mean())
-    return LabelCheck(full, checked, [int(checked[i]) for i in found], quality, folds, skipped, accuracy)
+    given = np.array([remap[int(v)] for v in labels[checked]], dtype=np.int64)
+    probabilities = out_of_sample_probabilities(features[checked].astype(np.float32), given, len(usable), folds,
+                                                seed, max_iter)
+    return LabelCheck(probabilities, checked, given, np.array(usable, dtype=np.int64), folds, skipped)
 
 
 def unknown_scores(labelled: np.ndarray, unlabelled: np.ndarray, keep: float = 0.95, neighbours: int = 10

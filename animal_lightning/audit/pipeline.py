@@ -100,7 +100,9 @@ def label_findings(cfg, cache_root: Path | None, network: FeatureNetwork, invent
     labels = np.array([index[entries[usable[k]].label] for k in labelled], dtype=np.int64)
     settings = {"folds": int(cfg.labels.folds), "seed": int(cfg.labels.seed), "max_iter": int(cfg.labels.max_iter),
                 "keep": float(cfg.labels.open_set_keep), "filter_by": str(cfg.labels.filter_by)}
-    key = _digest({"network": network.key, "classes": class_names, "version": 2, **settings,
+    # the filter is applied after the cache: changing labels.filter_by does not cross-validate again
+    key = _digest({"network": network.key, "classes": class_names, "version": 3,
+                   **{k: v for k, v in settings.items() if k != "filter_by"},
                    "labelled": [(prints[usable[k]].digest, int(v)) for k, v in zip(labelled, labels, strict=True)],
                    "flat": [prints[usable[k]].digest for k in flat]})
     stored = cache_root / f"labels-{key}.npz" if cache_root is not None else None
@@ -112,9 +114,7 @@ def label_findings(cfg, cache_root: Path | None, network: FeatureNetwork, invent
         try:
             with np.load(stored, allow_pickle=False) as saved:
                 if "probabilities" in saved:
-                    check = LabelCheck(saved["probabilities"], saved["checked"], saved["issues"].tolist(),
-                                       saved["quality"], int(saved["folds"]), saved["skipped"].tolist(),
-                                       float(saved["cv_accuracy"]))
+                    check = LabelCheck.from_arrays(saved)
                 if "typical" in saved:
                     typical, threshold = saved["typical"], float(saved["threshold"])
             facts["label check"] = "cached"
@@ -124,17 +124,14 @@ def label_findings(cfg, cache_root: Path | None, network: FeatureNetwork, invent
     if not cached:
         started = time.perf_counter()
         check = check_labels(features[labelled], labels, class_names, folds=settings["folds"], seed=settings["seed"],
-                             max_iter=settings["max_iter"], filter_by=settings["filter_by"])
+                             max_iter=settings["max_iter"])
         if flat and len(labelled) > 1:
             typical, threshold = unknown_scores(features[labelled], features[flat], keep=settings["keep"])
         facts["label check"] = f"computed in {time.perf_counter() - started:.1f} s"
         if stored is not None:
             arrays = {}
             if check is not None:
-                arrays.update(probabilities=check.probabilities, checked=check.checked,
-                              issues=np.array(check.issues, dtype=np.int64), quality=check.quality,
-                              folds=np.array(check.folds), skipped=np.array(check.skipped_classes, dtype=str),
-                              cv_accuracy=np.array(check.cv_accuracy))
+                arrays.update(check.arrays())
             if typical is not None:
                 arrays.update(typical=typical, threshold=np.array(threshold))
             with atomic_file(stored) as handle:
@@ -143,7 +140,7 @@ def label_findings(cfg, cache_root: Path | None, network: FeatureNetwork, invent
     if check is None:
         facts["label check"] = "skipped: fewer than two classes with two photos"
     else:
-        found += _issue_findings(check, entries, usable, labelled, class_names)
+        found += _issue_findings(check, settings["filter_by"], entries, usable, labelled, class_names)
         facts["cross-validated accuracy of the probe"] = f"{check.cv_accuracy:.1%} ({check.folds} folds)"
         if check.skipped_classes:
             facts["classes too small to check"] = ", ".join(check.skipped_classes)
@@ -158,18 +155,14 @@ def label_findings(cfg, cache_root: Path | None, network: FeatureNetwork, invent
     return found, facts
 
 
-def _issue_findings(check: LabelCheck, entries, usable: list[int], labelled: list[int], class_names: list[str]
-                    ) -> list[Finding]:
-    position = {int(row): n for n, row in enumerate(check.checked)}
+def _issue_findings(check: LabelCheck, filter_by: str, entries, usable: list[int], labelled: list[int],
+                    class_names: list[str]) -> list[Finding]:
     found = []
-    for row in check.issues:
-        n = position[row]
-        entry = entries[usable[labelled[row]]]
-        suggested = int(np.argmax(check.probabilities[n]))
-        found.append(Finding("label_issue", entry.rel, class_names[suggested], float(check.quality[n]), "exclude",
-                             f"filed as {entry.label}; {class_names[suggested]} "
-                             f"({check.probabilities[n, suggested]:.0%}) by a classifier that never saw it",
-                             (entry.rel,)))
+    for n, suggested, probability, quality in check.issues(filter_by):
+        entry = entries[usable[labelled[int(check.checked[n])]]]
+        found.append(Finding("label_issue", entry.rel, class_names[suggested], quality, "exclude",
+                             f"filed as {entry.label}; {class_names[suggested]} ({probability:.0%}) by a classifier "
+                             "that never saw it", (entry.rel,)))
     return found
 
 
