@@ -448,3 +448,17 @@ def test_one_class_and_an_empty_val_class_are_findings(tmp_path):
     assert {r["file"] for r in kinds["one_class"]} == {"train/"}
     assert {r["file"] for r in kinds["empty_class"]} == {"val/cat/"}
     assert summary["facts"]["label check"] == "skipped (features.enabled=false)"
+
+
+def test_a_file_name_that_is_not_utf8_round_trips_through_exclude_txt(tmp_path):
+    root = clean_folder(tmp_path / "data", per_class=4, test_per_class=0)
+    odd = os.fsencode(root / "train" / "cat") + b"/copy\xff.jpg"  # Latin-1 names from old archives
+    with open(odd, "wb") as handle:
+        handle.write((root / "train" / "cat" / "000.jpg").read_bytes())
+    _, rows, out = audit(tmp_path, root, "features.enabled=false")
+    (copy,) = [row for row in rows if row["finding"] == "exact_duplicate"]
+    listed = (out / "exclude.txt").read_bytes().splitlines()
+    assert b"train/cat/copy\xff.jpg" in listed
+    index = index_dataset(root, exclude=out / "exclude.txt")
+    assert [os.fsencode(name) for name in index.excluded] == [b"train/cat/copy\xff.jpg"]
+    assert copy["other"] == "train/cat/000.jpg"

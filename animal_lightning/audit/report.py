@@ -26,9 +26,10 @@ _PHOTO_KINDS = frozenset(KINDS) - {"empty_class", "stray_class", "one_class", "f
                                    "not_an_image", "unreadable"}
 
 
-def write_text(path: Path, text: str) -> None:
-    """UTF-8, with file names that are not UTF-8 written back as their own bytes (surrogateescape)."""
-    write_bytes_atomic(path, text.encode("utf-8", "surrogateescape"))
+def write_text(path: Path, text: str, errors: str = "backslashreplace") -> None:
+    """UTF-8. A file name that is not UTF-8 is shown as \\xff escapes (errors="backslashreplace"), or written back
+    as its own bytes (errors="surrogateescape": exclude.txt, which training reads back as file names)."""
+    write_bytes_atomic(path, text.encode("utf-8", errors))
 
 
 def write_findings_csv(findings: Sequence[Finding], path: Path) -> None:
@@ -49,7 +50,7 @@ def write_exclude(findings: Sequence[Finding], path: Path) -> list[str]:
     files = exclusions(findings)
     header = ("# Files the audit suggests leaving out of training, relative to the data root (one a line; globs "
               "work too).\n# Use: python train.py data.exclude=" + str(path) + "\n")
-    write_text(path, header + "".join(f"{name}\n" for name in files))
+    write_text(path, header + "".join(f"{name}\n" for name in files), errors="surrogateescape")
     return files
 
 
