@@ -22,7 +22,7 @@ from animal_lightning.audit.pipeline import run_audit
 from animal_lightning.data.folders import index_dataset
 from animal_lightning.errors import DataError
 from tests.conftest import FAST, PROJECT, compose_config, read_rows
-from tests.test_bad_input import BAD, messy_dataset, png_bomb
+from tests.test_bad_input import BAD, messy, png_bomb  # noqa: F401 (messy: a fixture)
 
 # small and quick: the packaged ImageNet EfficientNet-Lite0 at 64 px (the weights extra is installed with dev)
 # fp32 features: the same on every CPU (bf16 autocast rounds differently with and without AMX)
@@ -351,24 +351,12 @@ def test_the_messy_folder_gives_findings_not_tracebacks(messy_audit):
 
 
 @pytest.fixture
-def messy_audit(tmp_path, monkeypatch) -> dict:
-    import builtins
-
-    root = messy_dataset(tmp_path / "messy")
-    locked = str(root / "train" / "cat" / "locked.jpg")
-    real_open = builtins.open
-
-    def unreadable_as_root(file, *args, **kwargs):  # chmod 0 stops everyone but root: act it out for root
-        if str(file) == locked:
-            raise PermissionError(13, "Permission denied", locked)
-        return real_open(file, *args, **kwargs)
-
-    if os.geteuid() == 0:
-        monkeypatch.setattr(builtins, "open", unreadable_as_root)
-    (root / "train" / "cat" / "self.jpg").symlink_to(root / "train" / "cat" / "self.jpg")  # a file link loop
-    before = snapshot(root)
-    summary, rows, _ = audit(tmp_path, root, "features.enabled=false")
-    assert snapshot(root) == before
+def messy_audit(messy, tmp_path) -> dict:  # noqa: F811 (the imported fixture)
+    """test_bad_input's messy folder (its unreadable file made unreadable for root too), plus a file link loop."""
+    (messy / "train" / "cat" / "self.jpg").symlink_to(messy / "train" / "cat" / "self.jpg")
+    before = snapshot(messy)
+    summary, rows, _ = audit(tmp_path, messy, "features.enabled=false")
+    assert snapshot(messy) == before
     return {"summary": summary, "rows": rows}
 
 
