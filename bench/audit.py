@@ -17,6 +17,9 @@ reported: what the audit finds in the real folder. Prints JSON, then a one-line 
     python bench/audit.py [--data ../shared/data/caltech101] [--exact 50] [--near 50] [--swap 0.03]
         [--limit-per-class N] [--audit-args "features.batch_size=64 ..."] [--filters all]
 
+--held-out N (10 by default) audits one more copy shaped like the real task: N classes removed from
+train/ and every test/ photo in one flat, unlabelled folder; it reports how many photos of the removed
+classes the unknown estimate flags, and how many of the others.
 --filters audits the planted copy again with each of cleanlab's label filters (the cross-validated
 probabilities are cached, so each costs seconds) and reports each one's recall and precision.
 """
@@ -120,6 +123,36 @@ def plant(root: Path, exact: int, near: int, swap: float, seed: int) -> dict:
     return planted
 
 
+def hold_out(root: Path, count: int, seed: int) -> dict[str, bool]:
+    """Turn the linked copy at `root` into the real task's shape: `count` classes lose their train/ folder,
+    and every test/ photo goes into one flat, unlabelled test/ folder. Returns {flat name: held-out class?}."""
+    rng = random.Random(seed)
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    held = set(rng.sample(classes, count))
+    truth = {}
+    for folder in sorted(p for p in (root / "test").iterdir() if p.is_dir()):
+        for photo in sorted(folder.iterdir()):
+            name = f"test/{folder.name}__{photo.name}"
+            os.rename(photo, root / name)
+            truth[name] = folder.name in held
+        folder.rmdir()
+    for name in held:
+        shutil.rmtree(root / "train" / name)  # links only: the originals stay
+    return truth
+
+
+def unknown_scores(truth: dict[str, bool], rows: list[dict]) -> dict:
+    flagged = {r["file"] for r in rows if r["finding"] == "unknown_test"}
+    unseen = [name for name, held in truth.items() if held]
+    seen = [name for name, held in truth.items() if not held]
+    return {"test_photos": len(truth), "of_held_out_classes": len(unseen),
+            "flagged": len(flagged), "true_share": len(unseen) / max(1, len(truth)),
+            "estimated_share": len(flagged) / max(1, len(truth)),
+            "recall": sum(name in flagged for name in unseen) / max(1, len(unseen)),
+            "precision": sum(name in flagged for name in unseen) / max(1, len(flagged)),
+            "known_flagged": sum(name in flagged for name in seen) / max(1, len(seen))}
+
+
 def pair(a: str, b: str) -> tuple[str, str]:
     return (a, b) if a <= b else (b, a)
 
@@ -184,6 +217,8 @@ def main() -> None:
     parser.add_argument("--limit-per-class", type=int, default=None, help="link at most this many photos a class")
     parser.add_argument("--audit-args", default="", help="more audit.py overrides, e.g. features.batch_size=64")
     parser.add_argument("--keep", type=Path, default=None, help="keep the audits' folders here")
+    parser.add_argument("--held-out", type=int, default=10, help="also audit a copy whose test/ is flat and "
+                        "unlabelled with this many classes left out of train/ (0: skip): the unknown estimate")
     parser.add_argument("--filters", default="", help="also audit the planted copy with each of these cleanlab "
                         "filters (comma-separated, or all) and compare their label-issue recall and precision")
     args = parser.parse_args()
@@ -200,6 +235,13 @@ def main() -> None:
         planted = plant(dirty, args.exact, args.near, args.swap, args.seed)
         report, rows, planted_s = run_audit(dirty, cache, work / "audit_planted", extra)
         scores = score(planted, clean_rows, rows)
+        unknown = None
+        if args.held_out:
+            flat = work / "held_out"
+            link_copy(args.data, flat, args.limit_per_class)
+            truth = hold_out(flat, args.held_out, args.seed)
+            _, held_rows, _ = run_audit(flat, cache, work / "audit_held_out", extra)
+            unknown = unknown_scores(truth, held_rows)
         filters = {}
         if args.filters:
             from animal_lightning.audit.labels import FILTERS
@@ -216,6 +258,7 @@ def main() -> None:
             "planted_audit_s": round(planted_s, 1), "planted_audit_facts": report["facts"],
             **scores,
             **({"filters": filters} if filters else {}),
+            **({"unknown": unknown} if unknown else {}),
             "untouched": {"counts": {k: v for k, v in first["counts"].items() if v}, "excluded": first["excluded"],
                           "duplicate_examples": examples(clean_rows, DUPLICATE_KINDS),
                           "label_issue_examples": examples(clean_rows, ("label_issue",))},
@@ -223,7 +266,7 @@ def main() -> None:
         if args.keep:
             shutil.rmtree(args.keep, ignore_errors=True)
             shutil.copytree(work, args.keep, symlinks=True, ignore=shutil.ignore_patterns("clean", "planted",
-                                                                                             "cache"))
+                                                                                             "held_out", "cache"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(summary, indent=2))

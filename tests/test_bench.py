@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -133,11 +134,15 @@ def test_model_zoo_builds_each_models_engines(tmp_path):
 
 
 def test_audit_bench_plants_defects_and_scores_them(tmp_path, photos):
+    (photos / "test" / "cat").mkdir(parents=True)  # the held-out audit needs test photos of two classes at least
+    for name in ("cat", "dog"):
+        shutil.copytree(photos / "train" / name, photos / "test" / name, dirs_exist_ok=True)
     summary = run_bench("audit.py", "--data", str(photos), "--exact", "2", "--near", "2", "--swap", "0.1",
-                        "--filters", "low_self_confidence,prune_by_noise_rate",
+                        "--held-out", "1", "--filters", "low_self_confidence,prune_by_noise_rate",
                         "--audit-args", "features.image_size=32 features.num_workers=0", cwd=tmp_path)
-    assert summary["photos"] == 36 and summary["exact"]["planted"] == 2 and summary["near"]["planted"] == 2
+    assert summary["photos"] == 60 and summary["exact"]["planted"] == 2 and summary["near"]["planted"] == 2
     assert summary["exact"]["recall"] == 1.0  # the same bytes are always found
     assert summary["swapped"]["planted"] == 3
     assert set(summary["filters"]) == {"low_self_confidence", "prune_by_noise_rate"}
     assert summary["second_audit_s"] > 0 and "counts" in summary["untouched"]
+    assert summary["unknown"]["test_photos"] == 24 and summary["unknown"]["of_held_out_classes"] in (0, 12)

@@ -71,7 +71,7 @@ def copy_findings(copies: Sequence[Copy]) -> list[Finding]:
         where = lambda e: f"{e.split}/{e.label}" if e.label else f"{e.split}/ (unlabelled)"  # noqa: E731
         if c.kind == "leak":
             found.append(Finding("leak", a.rel, b.rel, c.distance, "exclude",
-                                 f"{how} of a {where(b)} photo: leave the {a.split}/ copy out", (a.rel,)))
+                                 f"{how}; the {where(b)} copy stays, this {a.split}/ copy goes", (a.rel,)))
         elif c.kind == "conflicting_labels":
             found.append(Finding("conflicting_labels", a.rel, b.rel, c.distance, "exclude",
                                  f"{how}, filed as {a.label} and as {b.label}: keep it under the right class only",
@@ -101,7 +101,7 @@ def label_findings(cfg, cache_root: Path | None, network: FeatureNetwork, invent
     settings = {"folds": int(cfg.labels.folds), "seed": int(cfg.labels.seed), "max_iter": int(cfg.labels.max_iter),
                 "keep": float(cfg.labels.open_set_keep), "filter_by": str(cfg.labels.filter_by)}
     # the filter is applied after the cache: changing labels.filter_by does not cross-validate again
-    key = _digest({"network": network.key, "classes": class_names, "version": 3,
+    key = _digest({"network": network.key, "classes": class_names, "version": 4,
                    **{k: v for k, v in settings.items() if k != "filter_by"},
                    "labelled": [(prints[usable[k]].digest, int(v)) for k, v in zip(labelled, labels, strict=True)],
                    "flat": [prints[usable[k]].digest for k in flat]})
