@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from animal_lightning.audit.features import rooted
 from animal_lightning.audit.fingerprints import HASH_SIZE, Fingerprint
 from animal_lightning.audit.inventory import Entry
 
@@ -93,10 +94,9 @@ def hash_distances(rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
 
 
 def unit_features(features: np.ndarray) -> np.ndarray:
-    """Square-rooted (Hellinger) features at unit length: their dot products are the similarities compared.
-    The root keeps a few strong activations from deciding the cosine alone."""
-    rooted = np.sqrt(np.maximum(features, 0.0))
-    return rooted / np.maximum(np.linalg.norm(rooted, axis=1, keepdims=True), 1e-12)
+    """Square-rooted features at unit length: their dot products are the similarities compared."""
+    root = rooted(features)
+    return root / np.maximum(np.linalg.norm(root, axis=1, keepdims=True), 1e-12)
 
 
 def near_pairs(prints: Sequence[Fingerprint], features: np.ndarray | None, hash_distance: int,

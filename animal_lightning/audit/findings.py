@@ -66,7 +66,3 @@ class Finding:
         return {"finding": self.kind, "file": self.file, "other": self.other,
                 "score": "" if math.isnan(self.score) else f"{self.score:.4g}", "action": self.action,
                 "detail": self.detail}
-
-
-def section_of(kind: str) -> str:
-    return next(key for key, _, kinds, _ in SECTIONS if kind in kinds)

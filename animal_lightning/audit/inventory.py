@@ -38,12 +38,6 @@ class Inventory:
     def class_names(self) -> list[str]:
         return list(self.classes["train"])
 
-    def labelled(self) -> list[Entry]:
-        return [e for e in self.entries if e.label is not None]
-
-    def unlabelled(self) -> list[Entry]:
-        return [e for e in self.entries if e.label is None]
-
 
 def _walk(folder: Path, failed: list[tuple[Path, str]]) -> tuple[list[Path], list[Path]]:
     """(image files, other visible files) below `folder`, sorted; symlinked folders are not followed; folders

@@ -10,7 +10,6 @@ import base64
 import csv
 import html
 import io
-import math
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -179,7 +178,3 @@ def write_html(findings: Sequence[Finding], facts: dict, paths: dict[str, str], 
     parts.append("</body></html>")
     write_text(path, "\n".join(parts) + "\n")
     return thumbnails
-
-
-def fmt(value: float) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3g}"
