@@ -450,3 +450,15 @@ def test_a_file_name_that_is_not_utf8_round_trips_through_exclude_txt(tmp_path):
     index = index_dataset(root, exclude=out / "exclude.txt")
     assert [os.fsencode(name) for name in index.excluded] == [b"train/cat/copy\xff.jpg"]
     assert copy["other"] == "train/cat/000.jpg"
+
+
+def test_without_the_audit_extra_the_message_names_the_pip_command(tmp_path, monkeypatch):
+    import importlib.util
+
+    from animal_lightning.errors import ModelConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cleanlab" else real(name, *a))
+    root = clean_folder(tmp_path / "data", per_class=2, test_per_class=0)
+    with pytest.raises(ModelConfigError, match=r"audit.py needs cleanlab: pip install 'animal-lightning\[audit\]'"):
+        audit(tmp_path, root)
