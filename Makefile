@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
-.PHONY: install demo train predict audit test test-all lint format tensorboard clean distclean
+.PHONY: install demo train predict audit app test test-all lint format tensorboard clean distclean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,9 @@ predict: install  ## make predict ARGS="ckpt_path=... input=/data/test topk=5"
 audit: install  ## make audit ARGS="data.root=/data/animals" (or data=synthetic): report.html, exclude.txt
 	$(BIN)/python audit.py $(ARGS)
 
+app: install  ## the page to try a checkpoint in the browser (the app extra, in dev): make app ARGS="port=8080"
+	$(BIN)/python app.py $(ARGS)
+
 train: install  ## make train ARGS="model=vgg16 data.root=/data/animals"
 	$(BIN)/python train.py $(ARGS)
 
@@ -38,12 +41,12 @@ test-all: install  ## every test, the slow ones (real training, sweeps, DDP, kil
 	$(BIN)/python -m pytest -q $(ARGS)
 
 lint: install  ## ruff, and the import layers (pyproject.toml's import-linter contract)
-	$(BIN)/ruff check animal_lightning tests bench train.py predict.py audit.py
+	$(BIN)/ruff check animal_lightning tests bench train.py predict.py audit.py app.py
 	$(BIN)/lint-imports
 
 format: install
-	$(BIN)/ruff check --fix animal_lightning tests bench train.py predict.py audit.py
-	$(BIN)/ruff format animal_lightning tests bench train.py predict.py audit.py
+	$(BIN)/ruff check --fix animal_lightning tests bench train.py predict.py audit.py app.py
+	$(BIN)/ruff format animal_lightning tests bench train.py predict.py audit.py app.py
 
 tensorboard: install
 	$(BIN)/tensorboard --logdir logs

@@ -374,6 +374,80 @@ def write_predictions(rows: Sequence[dict], output: Path, fmt: str = "csv") -> l
     return [output, submission]
 
 
+@dataclass
+class PredictOptions:
+    """How images are run and answered: conf/predict.yaml's keys of the same names (app.py shares them)."""
+
+    batch_size: int = 32
+    num_workers: int | str = "auto"
+    accelerator: str = "auto"
+    precision: str = "auto"
+    tta: str | None = None
+    progress: bool = True
+    devices: int | str = 1
+    num_nodes: int = 1
+    topk: int = 0
+    open_set_score: str | None = None
+    open_set_keep: float | None = None
+    seen_penalty: float | None = None
+    zero_shot_sources: str | None = None
+    zero_shot_keep: float | None = None
+
+    @classmethod
+    def from_config(cls, cfg) -> PredictOptions:
+        """The options a predict (or app) config sets; the others keep their defaults."""
+        names = [name for name in cls.__dataclass_fields__ if cfg.get(name) is not None]
+        values = {name: cfg.get(name) for name in names}
+        for name in ("batch_size", "num_nodes", "topk"):
+            if name in values:
+                values[name] = int(values[name])
+        for name in ("accelerator", "precision"):
+            if name in values:
+                values[name] = str(values[name])
+        return cls(**values)
+
+
+@dataclass
+class Prediction:
+    """What the model answered for a list of inputs: its outputs, each file's error, the decisions and the rows
+    of predictions.csv (all in the order of the inputs)."""
+
+    outputs: dict[str, torch.Tensor]
+    errors: list[str]
+    decisions: Decisions
+    rows: list[dict]
+
+    @property
+    def probabilities(self) -> torch.Tensor:
+        return self.outputs["probabilities"]
+
+
+def predict_inputs(model: AnimalClassifier, inputs: Inputs, options: PredictOptions, *, engine: Engine | None = None,
+                   chunk: int | None = None, on_chunk=None) -> Prediction:
+    """Run the model over `inputs` (predict_outputs), then decide (open set, zero-shot) and build the rows:
+    predict.py's path, which the page of app.py takes too. chunk: run that many images at a time and call
+    on_chunk(done, total) after each (a progress bar); the answers are the same either way."""
+    total = len(inputs.paths)
+    run = dict(batch_size=options.batch_size, num_workers=options.num_workers, accelerator=options.accelerator,
+               precision=options.precision, tta=options.tta, progress=options.progress, devices=options.devices,
+               num_nodes=options.num_nodes, engine=engine)
+    step = chunk if chunk and chunk < total else max(total, 1)
+    parts, errors = [], []
+    for start in range(0, max(total, 1), step):
+        outputs, part_errors = predict_outputs(model, inputs.paths[start: start + step], **run)
+        parts.append(outputs)
+        errors.extend(part_errors)
+        if on_chunk is not None:
+            on_chunk(min(start + step, total), total)
+    outputs = parts[0] if len(parts) == 1 else {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    decisions = decide(model, outputs, score=options.open_set_score, keep=options.open_set_keep,
+                       penalty=options.seen_penalty, sources=options.zero_shot_sources,
+                       zero_shot_keep=options.zero_shot_keep)
+    rows = prediction_rows(inputs, model.class_names, outputs["probabilities"], errors, topk=options.topk,
+                           decisions=decisions)
+    return Prediction(outputs, errors, decisions, rows)
+
+
 # -- the job behind predict.py --------------------------------------------------------------------------
 @rank_zero_only
 def say(message: str) -> None:
@@ -418,19 +492,10 @@ def predict(cfg) -> dict:
         if engine.calibration:  # the open-set threshold and zero-shot penalty, moved to the engine's scores
             model.calibration = engine.calibration
     say(f"Predicting {len(inputs.paths)} images from {inputs.description}")
-    outputs, errors = predict_outputs(
-        model, inputs.paths, batch_size=int(cfg.batch_size), num_workers=cfg.num_workers,
-        accelerator=str(cfg.accelerator), precision=str(cfg.precision), tta=cfg.get("tta"),
-        progress=bool(cfg.get("progress", True)), devices=cfg.get("devices", 1), num_nodes=cfg.get("num_nodes", 1),
-        engine=engine)
+    result = predict_inputs(model, inputs, PredictOptions.from_config(cfg), engine=engine)
     if rank_zero_only.rank != 0:  # DDP: every process has all the results; the first one writes them
         return {"images": len(inputs.paths), "rank": rank_zero_only.rank}
-    probabilities = outputs["probabilities"]
-    decisions = decide(model, outputs, score=cfg.get("open_set_score"), keep=cfg.get("open_set_keep"),
-                       penalty=cfg.get("seen_penalty"), sources=cfg.get("zero_shot_sources"),
-                       zero_shot_keep=cfg.get("zero_shot_keep"))
-    rows = prediction_rows(inputs, model.class_names, probabilities, errors, topk=int(cfg.get("topk") or 0),
-                           decisions=decisions)
+    probabilities, errors, decisions, rows = result.probabilities, result.errors, result.decisions, result.rows
     output = Path(cfg.output)
     written = write_predictions(rows, output, str(cfg.get("format", "csv")))
     summary = {"checkpoint": str(checkpoint), "input": inputs.description, "images": len(rows),

@@ -464,25 +464,29 @@ class AnimalClassifier(LightningModule):
     def outputs(self, images: torch.Tensor, tta: str | None = None,
                 engine: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
         """What prediction needs of a batch: probabilities (N x classes), the three open-set scores (N x 3),
-        with attributes the compatibility with every seen class and unseen class that has attributes, and with
+        with attributes the compatibility with every seen class and unseen class that has attributes (compat) and
+        each attribute's predicted probability (attributes, N x attributes), and with
         ImageNet knowledge of unseen classes their ImageNet evidence (imagenet, N x (unseen + 1)).
         tta="hflip" averages each over the image and its mirror. `engine` computes network_outputs() in its
         place (a compiled or int8 graph)."""
         if tta not in (None, "hflip"):
             raise ValueError(f"tta={tta!r} is not one of: None, hflip")
         views = [images, images.flip(-1)] if tta == "hflip" else [images]
-        probabilities, logits, compat, imagenet = [], [], [], []
+        probabilities, logits, compat, imagenet, attributes = [], [], [], [], []
         for view in views:
             raw = engine(view) if engine is not None else self.network_outputs(view)
             out = raw["logits"].float()
             probabilities.append(torch.softmax(out, dim=1))
             logits.append(out)
-            compat.append(self.compatibility(self.attribute_logits(raw.get("features"))))
+            attribute_logits = self.attribute_logits(raw.get("features"))
+            compat.append(self.compatibility(attribute_logits))
+            attributes.append(None if attribute_logits is None else torch.sigmoid(attribute_logits))
             imagenet.append(self.imagenet_evidence(raw.get("imagenet_logits")))
         result = {"probabilities": torch.stack(probabilities).mean(0),
                   "scores": openset.known_scores(torch.stack(logits).mean(0))}
         if compat[0] is not None:
             result["compat"] = torch.stack(compat).mean(0)
+            result["attributes"] = torch.stack(attributes).mean(0)  # each attribute's probability (the page shows them)
         if imagenet[0] is not None:
             result["imagenet"] = torch.stack(imagenet).mean(0)
         return result
