@@ -132,3 +132,16 @@ def trained(tmp_path_factory) -> dict:
 
     metrics = train(cfg)
     return {"metrics": metrics, "ckpt": Path(metrics["best_checkpoint"]), "root": root, "work": work, "cfg": cfg}
+
+
+@pytest.fixture(scope="session")
+def zeroshot(tmp_path_factory) -> dict:
+    """The zero-shot demo as `make demo` would run it: 10 seen classes, 4 attribute combinations held out."""
+    from animal_lightning.training import train
+
+    work = tmp_path_factory.mktemp("zeroshot")
+    cfg = compose_config("train", work, "experiment=demo_zeroshot", f"data.root={work / 'synthetic'}",
+                         "data.num_workers=0", "callbacks.progress_bar=null", "callbacks.model_summary=null")
+    metrics = train(cfg)
+    root = next(p for p in (work / "synthetic").iterdir() if p.is_dir())
+    return {"metrics": metrics, "ckpt": Path(metrics["best_checkpoint"]), "root": root, "work": work}

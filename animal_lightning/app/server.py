@@ -10,7 +10,9 @@ from __future__ import annotations
 import atexit
 import logging
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 from animal_lightning.app.service import DemoModel
@@ -75,6 +77,10 @@ def run_app(cfg, block: bool = True):
     examples = example_photos(cfg, service, run_dir)
     uploads = Path(tempfile.mkdtemp(prefix="animal-lightning-app-"))
     atexit.register(shutil.rmtree, uploads, ignore_errors=True)
+    if block and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stop from a service manager is a Ctrl-C:
+        # Gradio closes the server and the uploads folder is removed on the way out
+    print(f"Uploads: {uploads} (removed when the server stops); results: {run_dir}", flush=True)
     from animal_lightning.app import page as pages
 
     pages.use_temporary_folder(uploads)

@@ -119,12 +119,12 @@ def member_problem(member: zipfile.ZipInfo) -> tuple[PurePosixPath, str | None]:
     """A member's name as a relative path, and why it is not unpacked (None: it is)."""
     raw = member.filename.replace("\\", "/")
     name = PurePosixPath(raw)
-    mode = member.external_attr >> 16
+    kind = stat.S_IFMT(member.external_attr >> 16)  # 0: a zip tool that records no file type
     if raw.startswith("/") or re.match(r"^[A-Za-z]:", raw):
         return name, "an absolute path: not unpacked"
     if ".." in name.parts:
         return name, "its name climbs out of the zip's folder (..): not unpacked"
-    if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+    if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
         return name, "a link or special file: not unpacked"
     if any(part.startswith(".") or part == "__MACOSX" for part in name.parts):
         return name, "a hidden or system file"
