@@ -41,20 +41,22 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def app_py(work: Path, *overrides: str, **kwargs) -> subprocess.Popen | subprocess.CompletedProcess:
+def app_py(work: Path, *overrides: str, log: Path | None = None) -> subprocess.Popen | subprocess.CompletedProcess:
+    """`python app.py` in `work` (its temporary folder too); with `log`, started in the background, printing there."""
     command = [sys.executable, str(PROJECT / "app.py"), f"paths.root_dir={work}", *overrides]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    if kwargs.pop("background", False):
-        return subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+    (work / "tmp").mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TMPDIR": str(work / "tmp")}
+    if log is not None:
+        with log.open("w") as output:
+            return subprocess.Popen(command, cwd=work, env=env, stdout=output, stderr=subprocess.STDOUT)
     return subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=300)
 
 
-def wait_until_serving(process: subprocess.Popen, url: str, timeout: float = 180) -> None:
+def wait_until_serving(process: subprocess.Popen, url: str, log: Path, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"app.py stopped with {process.returncode}:\n{process.stdout.read()}")
+            raise AssertionError(f"app.py stopped with {process.returncode}:\n{log.read_text()}")
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
                 if response.status == 200:
@@ -70,22 +72,24 @@ def server(trained, tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("app")
     port = free_port()
     examples = trained["root"] / "test"
+    log = work / "app.out"
     process = app_py(work, f"ckpt_path={trained['ckpt']}", f"port={port}", "precision=32-true",
-                     f"max_upload_mb={UPLOAD_MB}", f"examples={examples}", "max_examples=3", background=True)
+                     f"max_upload_mb={UPLOAD_MB}", f"examples={examples}", "max_examples=3", log=log)
     url = f"http://127.0.0.1:{port}/"
     try:
-        wait_until_serving(process, url)
+        wait_until_serving(process, url, log)
         yield {"url": url, "client": Client(url, verbose=False, download_files=str(work / "downloads")),
-               "work": work, "process": process, "photos": sorted(examples.glob("*.jpg"))}
+               "work": work, "process": process, "photos": sorted(examples.glob("*.jpg")), "log": log}
     finally:
         process.terminate()
         try:
-            output = process.communicate(timeout=30)[0]
+            process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
             raise
-    uploads = re.search(r"Uploads: (\S+)", output).group(1)
-    assert not Path(uploads).exists(), f"the uploads folder {uploads} outlived the server"
+    temporary = re.search(r"Temporary folder: (\S+)", log.read_text()).group(1)
+    assert Path(temporary).parent == work / "tmp"
+    assert not Path(temporary).exists(), f"the temporary folder {temporary} outlived the server"
 
 
 def photo_answer(server, path: Path) -> tuple[dict, str, str, dict, dict]:
@@ -160,9 +164,9 @@ def test_an_upload_over_max_upload_mb_is_refused_and_the_server_keeps_serving(se
     big = tmp_path / "big.png"
     Image.frombytes("RGB", (800, 800), os.urandom(800 * 800 * 3)).save(big)  # noise: about 1.9 MB as PNG
     assert big.stat().st_size > UPLOAD_MB * 1024 * 1024
-    with pytest.raises(Exception, match="(?i)size|large|limit"):
+    with pytest.raises(Exception, match="exceeds the maximum file size"):
         photo_answer(server, big)
-    with pytest.raises(Exception, match="(?i)size|large|limit"):
+    with pytest.raises(Exception, match="exceeds the maximum file size"):
         server["client"].predict([handle_file(str(big))], api_name="/folder")
     import httpx  # Gradio's own HTTP client: an upload that skips gradio_client's check is refused by the server
 
@@ -207,10 +211,13 @@ def zip_of(path: Path, members: dict[str, bytes]) -> Path:
 
 def test_a_zip_with_class_folders_is_scored_with_a_confusion_matrix(server, trained, tmp_path):
     labels = {row["image_id"]: row["class"] for row in read_rows(trained["root"] / "test_labels.csv")}
-    members = {f"shoot/{labels[p.name]}/{p.name}": p.read_bytes() for p in server["photos"][:8]}  # one folder
-    # around the class folders, as a zipped folder has
+    chosen = [p for p in server["photos"] if p.name in labels]
+    chosen = [p for c in sorted(set(labels.values())) for p in chosen if labels[p.name] == c][::3][:8]
+    assert len({labels[p.name] for p in chosen}) >= 2
+    members = {f"shoot/{labels[p.name]}/{p.name}": p.read_bytes() for p in chosen}  # one folder around the
+    # class folders, as a zipped folder has
     summary, table, _, downloads, confusion = folder_answer(server, zip_of(tmp_path / "labelled.zip", members))
-    assert len(table["value"]["data"]) == 8
+    assert len(table["value"]["data"]) == len(chosen)
     assert "labelled by its class folders" in summary and "accuracy" in summary
     assert {Path(p).name for p in downloads} >= {"predictions.csv", "submission.csv", "metrics.json"}
     assert_png(Path(confusion))
@@ -257,21 +264,32 @@ def test_the_model_page_names_the_backbone_classes_and_training_metrics(server, 
     assert card["metrics"]["test/acc"] == pytest.approx(trained["metrics"]["test/acc"])
 
 
-def test_concurrent_requests_queue_and_agree(server):
-    photo = server["photos"][2]
-    jobs = [server["client"].submit(handle_file(str(photo)), api_name="/photo") for _ in range(4)]
-    answers = [job.result(timeout=120)[4] for job in jobs]
-    assert len({(a["answer"], a["confidence"]) for a in answers}) == 1
+def test_concurrent_requests_of_every_kind_queue_and_agree(server):
+    photo, client = server["photos"][2], server["client"]
+    alone = photo_answer(server, photo)[4]
+    jobs = [client.submit(handle_file(str(photo)), api_name="/photo"),
+            client.submit([handle_file(str(p)) for p in server["photos"][:6]], api_name="/folder"),
+            client.submit(handle_file(str(photo)), alone["top"][1]["class"], api_name="/gradcam"),
+            client.submit(handle_file(str(photo)), api_name="/photo")]
+    results = [job.result(timeout=180) for job in jobs]
+    for answer in (results[0][4], results[3][4]):
+        assert (answer["answer"], answer["confidence"]) == (alone["answer"], alone["confidence"])
+    by_id = {row[0]: row for row in results[1][1]["value"]["data"]}
+    assert by_id[photo.name][1] == alone["answer"]
+    assert_png(Path(results[2]))
 
 
-def test_the_page_writes_only_into_its_run_folder(server):
+def test_the_page_writes_only_into_its_run_folder_and_its_temporary_folder(server):
     assert_still_serving(server)
+    temporary = Path(re.search(r"Temporary folder: (\S+)", server["log"].read_text()).group(1))
     written = [p.relative_to(server["work"]) for p in server["work"].rglob("*") if p.is_file()]
-    outside = [p for p in written if p.parts[:2] != ("logs", "app") and p.parts[0] != "downloads"]
-    assert not outside  # downloads/: the test client's own copies of what the page returned
+    outside = [p for p in written if p.parts[:2] != ("logs", "app") and p.parts[0] != "downloads"
+               and not (server["work"] / p).is_relative_to(temporary) and p.name != "app.out"]
+    assert not outside  # downloads/: the test client's copies of what the page returned; app.out: its output
     run = next((server["work"] / "logs" / "app" / "runs").iterdir())
     assert sorted(p.name for p in (run / "examples").iterdir()) == [p.name for p in server["photos"][:3]]
-    assert any((run / "requests").iterdir())
+    assert any((temporary / "requests").iterdir())
+    assert not list(temporary.rglob("unpacked/*"))  # a zip's photos are removed after its request
 
 
 # -- starting app.py ---------------------------------------------------------------------------------------------
@@ -304,15 +322,22 @@ def test_unpacking_skips_links_hidden_files_and_what_is_over_the_limits(tmp_path
         bundle.writestr(link, "/etc/passwd")
         bundle.writestr("__MACOSX/._a.jpg", photo)
         bundle.writestr("big.jpg", b"\0" * (3 * 1024 * 1024))
+        bundle.writestr("..\\..\\windows.jpg", photo)
+        bundle.writestr("C:/drive.jpg", photo)
+        bundle.writestr("notes.txt", b"text")
         bundle.writestr("a.jpg", photo)
+        bundle.writestr("a.jpg/clash.jpg", photo)  # a folder where a file is: that member is skipped, not the zip
         bundle.writestr("b.jpg", photo)
+        bundle.writestr("c.jpg", photo)
     unpacked = unpack_zip(tmp_path / "x.zip", tmp_path / "request", ["cat"],
-                          UploadLimits(max_unpacked_mb=1, max_files=1))
+                          UploadLimits(max_unpacked_mb=1, max_files=2))
     reasons = dict(unpacked.skipped)
     assert "link" in reasons["link.jpg"] and "hidden" in reasons["__MACOSX/._a.jpg"]
-    assert "unpacking limit" in reasons["big.jpg"] and "limit of 1 files" in reasons["b.jpg"]
-    assert unpacked.inputs.image_ids == ["a.jpg"]
-    assert sorted(p.name for p in (tmp_path / "request").rglob("*") if p.is_file()) == ["a.jpg"]
+    assert "climbs out" in reasons["..\\..\\windows.jpg"] and "absolute" in reasons["C:/drive.jpg"]
+    assert "not a photo type" in reasons["notes.txt"] and "could not be unpacked" in reasons["a.jpg/clash.jpg"]
+    assert "unpacking limit" in reasons["big.jpg"] and "limit of 2 files" in reasons["c.jpg"]
+    assert unpacked.inputs.image_ids == ["a.jpg", "b.jpg"]
+    assert sorted(p.name for p in (tmp_path / "request").rglob("*") if p.is_file()) == ["a.jpg", "b.jpg"]
 
 
 def test_uploaded_photos_keep_their_names_and_repeated_names_are_told_apart(tmp_path):
@@ -341,7 +366,8 @@ def test_an_unseen_animal_gets_a_guess_and_the_attributes_it_matched(zeroshot, t
         for name, probability in answer.matched:  # attributes the guessed class has, and the photo shows
             assert probability >= 0.5 and row[table["predicates"].index(name)] > 0
         guessed += answer.unseen_guess == labels[photo.name] and bool(answer.matched)
-    assert guessed >= 5  # of 20 unseen-class photos, guessed among 4 unseen classes (chance: 5)
+    assert guessed >= 10  # of 20 unseen-class photos, guessed among 4 unseen classes (chance: 5; the test
+    # phase's acc_zsl, the same choice, measured 0.69 to 0.91)
 
 
 # -- in a real browser -------------------------------------------------------------------------------------------

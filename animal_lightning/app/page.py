@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 THUMBNAILS = 60  # photos of a folder shown as thumbnails (the table lists them all)
 THUMBNAIL_SIZE = 160
+ONE_AT_A_TIME = {"concurrency_id": "model", "concurrency_limit": 1}  # all events share one slot: the model
 TABLE_COLUMNS = ("image_id", "class", "confidence", "known_score", "open_set", "source", "label", "error")
 
 
@@ -160,7 +162,8 @@ def build_page(service: DemoModel, examples: list[Path]):
             raise gr.Error(str(error), print_exception=False) from None
         label = {name: probability for name, probability in answer.top}
         choices = [name for name, _ in answer.top]
-        return label, verdict(answer, cam_seconds), str(overlay), gr.update(choices=choices, value=top_class), answer.as_dict()
+        return (label, verdict(answer, cam_seconds), str(overlay), gr.update(choices=choices, value=top_class),
+                answer.as_dict())
 
     def explain_class(path, class_name):
         if not path or not class_name:
@@ -182,6 +185,7 @@ def build_page(service: DemoModel, examples: list[Path]):
         folder = answer.files[0].parent
         sources = {image_id: path for image_id, path in zip(answer.image_ids, answer.paths, strict=True)}
         gallery = thumbnails(answer, sources, folder / "thumbnails")
+        shutil.rmtree(folder / "unpacked", ignore_errors=True)  # a zip's photos: only the thumbnails stay
         columns = [c for c in TABLE_COLUMNS if any(c in row for row in answer.rows)]
         table = [[row.get(c, "") for c in columns] for row in answer.rows]
         return (folder_summary(answer), gr.update(value=table, headers=columns), gallery,
@@ -225,9 +229,11 @@ def build_page(service: DemoModel, examples: list[Path]):
             gr.Markdown(card_markdown(card))
             model_json = gr.JSON(value=card, label="model", visible=False)
 
-        photo.change(answer_photo, inputs=photo, outputs=[top, said, overlay, cam_class, details], api_name="photo")
-        cam_class.input(explain_class, inputs=[photo, cam_class], outputs=overlay, api_name="gradcam")
+        photo.change(answer_photo, inputs=photo, outputs=[top, said, overlay, cam_class, details], api_name="photo",
+                     **ONE_AT_A_TIME)
+        cam_class.input(explain_class, inputs=[photo, cam_class], outputs=overlay, api_name="gradcam",
+                        **ONE_AT_A_TIME)
         go.click(answer_folder, inputs=files, outputs=[summary, table, gallery, downloads, confusion],
-                 api_name="folder")
+                 api_name="folder", **ONE_AT_A_TIME)
         page.load(lambda: card, outputs=model_json, api_name="model")
     return page

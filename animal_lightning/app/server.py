@@ -1,8 +1,11 @@
-"""From app.py's config to a served page: the checkpoint loaded once, examples and folders prepared, then Gradio.
+"""From app.py's config to a served page: the checkpoint loaded once, examples prepared, then Gradio.
 
-Files the page writes go to the run's folder (logs/app/runs/<time>/: requests/, examples/) and uploads to a
-temporary folder of this server, removed when it stops. The checkpoint is loaded before Gradio is
-imported, so a missing or foreign checkpoint stops app.py with predict.py's one-line error at once.
+The run's folder (logs/app/runs/<time>/) keeps the example photos and Hydra's log; uploads and each
+request's files (predictions, overlays, unpacked zips) go to a temporary folder of this server, removed when
+it stops. No folder is added to Gradio's allowed paths: the page serves what its handlers return (copied
+into that temporary folder, Gradio's cache), not a folder of files other users' requests left.
+The checkpoint is loaded before Gradio is imported, so a missing or foreign checkpoint stops app.py with
+predict.py's one-line error at once.
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ from animal_lightning.prediction import PredictOptions
 log = logging.getLogger(__name__)
 
 
-def load_service(cfg, run_dir: Path) -> DemoModel:
-    """The DemoModel of cfg.ckpt_path (best/last of the newest run, or a path), with predict.py's options."""
+def load_service(cfg, workdir: Path) -> DemoModel:
+    """The DemoModel of cfg.ckpt_path (best/last of the newest run, or a path), with predict.py's options; its
+    requests write into `workdir`."""
     checkpoint = resolve_checkpoint(cfg.get("ckpt_path"), cfg.paths.log_dir)
     limits = app_limits(cfg)
     options = PredictOptions.from_config(cfg)
     options.progress = False  # the page shows its own progress
-    return DemoModel(checkpoint, options, run_dir / "requests", limits)
+    return DemoModel(checkpoint, options, workdir, limits)
 
 
 def app_limits(cfg) -> UploadLimits:
@@ -72,25 +76,26 @@ def copy_examples(source: Path | None, target: Path, limit: int) -> list[Path]:
 def run_app(cfg, block: bool = True):
     """Load the model, then serve the page at cfg.host:cfg.port until stopped (block=False: return the page)."""
     run_dir = Path(cfg.paths.output_dir)
-    service = load_service(cfg, run_dir)
-    print(f"Checkpoint: {service.checkpoint}", flush=True)
-    examples = example_photos(cfg, service, run_dir)
     uploads = Path(tempfile.mkdtemp(prefix="animal-lightning-app-"))
     atexit.register(shutil.rmtree, uploads, ignore_errors=True)
+    service = load_service(cfg, uploads / "requests")
+    print(f"Checkpoint: {service.checkpoint}", flush=True)
+    examples = example_photos(cfg, service, run_dir)
     if block and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stop from a service manager is a Ctrl-C:
-        # Gradio closes the server and the uploads folder is removed on the way out
-    print(f"Uploads: {uploads} (removed when the server stops); results: {run_dir}", flush=True)
+        # Gradio closes the server and the temporary folder is removed on the way out
+    print(f"Temporary folder: {uploads} (uploads and each request's files; removed when the server stops)",
+          flush=True)
     from animal_lightning.app import page as pages
 
     pages.use_temporary_folder(uploads)
     gr = pages.import_gradio()
     page = pages.build_page(service, examples)
-    page.queue(default_concurrency_limit=1)  # one request through the model at a time; the others wait
+    page.queue()  # every event is in one concurrency group of one (page.py): requests wait for the model
     if str(cfg.host) not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: anyone who can reach this machine can use the page (no login)", cfg.host)
     page.launch(server_name=str(cfg.host), server_port=int(cfg.port),
-                max_file_size=f"{int(float(cfg.max_upload_mb) * 1024)}kb", allowed_paths=[str(run_dir)],
+                max_file_size=f"{int(float(cfg.max_upload_mb) * 1024)}kb",
                 show_error=True, ssr_mode=False, prevent_thread_lock=not block, quiet=False, theme=page.theme,
                 mcp_server=False, inbrowser=False)
     del gr

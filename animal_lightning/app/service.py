@@ -134,13 +134,11 @@ class DemoModel:
         """The attributes the guessed class has (above half its strongest) that the photo shows, most probable
         first: why the attribute head thinks of that class."""
         table = self.model.hparams.attributes
-        if attributes is None or not table:
+        classes = (table["seen"] + table["unseen"]) if table else []
+        guessed = self.model.all_class_names[guess]
+        if attributes is None or guessed not in classes:  # no attribute head, or a class named by ImageNet only
             return []
-        position = (table["seen"] + table["unseen"]).index(self.model.all_class_names[guess]) \
-            if self.model.all_class_names[guess] in table["seen"] + table["unseen"] else None
-        if position is None:  # an unseen class named by ImageNet knowledge only: no attributes
-            return []
-        values = torch.tensor(table["matrix"][position], dtype=torch.float32)
+        values = torch.tensor(table["matrix"][classes.index(guessed)], dtype=torch.float32)
         wanted = values >= 0.5 * values.max().clamp(min=1e-12)
         shown = attributes[0].float()
         order = sorted((i for i in range(len(values)) if wanted[i] and shown[i] >= 0.5), key=lambda i: -float(shown[i]))

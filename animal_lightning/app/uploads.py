@@ -1,9 +1,10 @@
 """What a page upload becomes before the model sees it: files checked for size, zips unpacked safely.
 
 Uploads arrive in a temporary folder (Gradio's upload cache, which app.py points at a folder of its own).
-A zip is unpacked into a fresh folder beside them and nowhere else: a member whose name is absolute,
-climbs out with `..`, is a link or a device, or is itself a zip is skipped and reported, and the
-unpacked total is capped, so a zip bomb or a crafted name cannot fill the disk or write outside it.
+A zip is unpacked into the request's own folder there and nowhere else (and removed after the request):
+a member whose name is absolute, climbs out with `..`, is a link or a device, is itself a zip, or is no
+photo is skipped and reported, and the number of entries and the unpacked total are capped, so a zip
+bomb or a crafted name cannot fill the disk or write outside it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from animal_lightning.data.images import is_image_name
 from animal_lightning.errors import DataError
 from animal_lightning.prediction import Inputs, collect_inputs
 
@@ -74,11 +76,14 @@ def upload_inputs(files: Sequence[str | os.PathLike], class_names: Sequence[str]
 
 
 def unpack_zip(archive: Path, workdir: Path, class_names: Sequence[str], limits: UploadLimits) -> Unpacked:
-    """The zip's photos, unpacked under workdir/<zip name>/ (never outside it), as Inputs."""
+    """The zip's photos, unpacked under workdir/unpacked/ (never outside it), as Inputs."""
+    target = workdir / "unpacked"
     try:
         with zipfile.ZipFile(archive) as bundle:
             members = bundle.infolist()
-            target = workdir / "unpacked"
+            if len(members) > 2 * limits.max_files + 1000:  # each entry costs memory before any is unpacked
+                raise DataError(f"{archive.name} lists {len(members)} entries, far over the limit of "
+                                f"{limits.max_files} photos in one request: send fewer")
             target.mkdir(parents=True, exist_ok=False)
             skipped, written, budget = [], 0, limits.max_unpacked_mb * MB
             for member in members:
@@ -87,17 +92,27 @@ def unpack_zip(archive: Path, workdir: Path, class_names: Sequence[str], limits:
                 name, reason = member_problem(member)
                 if reason is None and written >= limits.max_files:
                     reason = f"over the limit of {limits.max_files} files in one request"
-                if reason is None and member.file_size > budget:
+                if reason is None and member.file_size > budget:  # zipfile never reads past the header's size
                     reason = f"unpacks to more than the {limits.max_unpacked_mb:g} MB left of the unpacking limit"
+                destination = target.joinpath(*name.parts)
+                if reason is None:
+                    try:
+                        if not destination.resolve().is_relative_to(target.resolve()):  # after member_problem's
+                            raise ValueError("its name leads outside the zip's folder")
+                        destination.parent.mkdir(parents=True, exist_ok=True)
+                        with bundle.open(member) as source, destination.open("wb") as sink:
+                            shutil.copyfileobj(source, sink, 1024 * 1024)
+                    except ValueError as error:
+                        reason = str(error)
+                    except (OSError, zipfile.BadZipFile) as error:  # a name clash (x and x/y.jpg), a bad member
+                        if destination.is_file():
+                            destination.unlink()
+                        reason = f"could not be unpacked ({type(error).__name__}: {error.strerror or error})" \
+                            if isinstance(error, OSError) else f"could not be unpacked ({error})"
                 if reason is not None:
                     skipped.append((member.filename, reason))
                     continue
-                destination = target.joinpath(*name.parts)
-                if not destination.resolve().is_relative_to(target.resolve()):  # a belt to member_problem's braces
-                    skipped.append((member.filename, "its name leads outside the zip's folder"))
-                    continue
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                budget -= _copy_capped(bundle, member, destination, budget)
+                budget -= member.file_size
                 written += 1
     except zipfile.BadZipFile as error:
         raise DataError(f"{archive.name} is not a readable zip ({error}): zip the photos again") from None
@@ -105,7 +120,7 @@ def unpack_zip(archive: Path, workdir: Path, class_names: Sequence[str], limits:
         raise
     except (OSError, RuntimeError, NotImplementedError, EOFError) as error:  # encrypted, unsupported method, ...
         raise DataError(f"{archive.name} could not be unpacked ({type(error).__name__}: {error})") from None
-    root = _single_folder(target)
+    root = _inner_folder(target, set(class_names))
     try:
         inputs = collect_inputs(root, class_names, recursive=True)
     except DataError:
@@ -130,28 +145,20 @@ def member_problem(member: zipfile.ZipInfo) -> tuple[PurePosixPath, str | None]:
         return name, "a hidden or system file"
     if name.suffix.lower() == ".zip":
         return name, "a zip inside the zip: unpack it, or upload it on its own"
+    if not is_image_name(name.name):
+        return name, "not a photo type (jpg, jpeg, png, bmp, webp)"
     return name, None
 
 
-def _copy_capped(bundle: zipfile.ZipFile, member: zipfile.ZipInfo, destination: Path, budget: float) -> int:
-    """Copy one member, stopping at `budget` bytes whatever its header claims (a lying header is a bomb)."""
-    copied = 0
-    with bundle.open(member) as source, destination.open("wb") as sink:
-        while chunk := source.read(1024 * 1024):
-            copied += len(chunk)
-            if copied > budget:
-                sink.close()
-                destination.unlink()
-                raise DataError(f"{member.filename} unpacks to more than its zip header says, past the unpacking "
-                                "limit: not a zip to trust")
-            sink.write(chunk)
-    return copied
-
-
-def _single_folder(folder: Path) -> Path:
-    """A zip of one folder (photos/...) is read from inside that folder, as if the folder had been uploaded."""
-    entries = [entry for entry in folder.iterdir() if not entry.name.startswith(".")]
-    return _single_folder(entries[0]) if len(entries) == 1 and entries[0].is_dir() else folder
+def _inner_folder(folder: Path, class_names: set[str]) -> Path:
+    """A zip of one folder (photos/...) is read from inside that folder, as if the folder had been uploaded;
+    a lone class folder stays, so that it still labels its photos."""
+    for _ in range(64):
+        entries = [entry for entry in folder.iterdir() if not entry.name.startswith(".")]
+        if len(entries) != 1 or not entries[0].is_dir() or entries[0].name in class_names:
+            break
+        folder = entries[0]
+    return folder
 
 
 def _unique_ids(names: Sequence[str]) -> list[str]:
@@ -170,6 +177,3 @@ def _summary(skipped: Sequence[tuple[str, str]]) -> str:
     return "; ".join(f"{name} ({reason})" for name, reason in skipped[:5]) + \
         (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
 
-
-def remove_quietly(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
