@@ -94,14 +94,14 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    result = {"cpu": cpu_description(), "checkpoint": str(ckpt), "backbone": meta.get("backbone"),
+    result = {"benchmark": "app", "cpu": cpu_description(), "checkpoint": str(ckpt), "backbone": meta.get("backbone"),
               "app_startup_s": round(startup, 2), "photo": photo.name, "repeats": args.repeats,
               "page_photo_s_median": round(statistics.median(page_photo), 3),
               "predict_py_photo_s_median": round(statistics.median(process_photo), 3),
               "folder_images": len(photos), "page_folder_s": round(page_folder, 2),
               "predict_py_folder_s": round(process_folder, 2), "folder_classes_agree": f"{agree}/{len(rows)}"}
     print(json.dumps(result, indent=1))
-    print(f"one photo with Grad-CAM: page {result['page_photo_s_median']} s, predict.py "
+    print(f"app: one photo with Grad-CAM: page {result['page_photo_s_median']} s, predict.py "
           f"{result['predict_py_photo_s_median']} s (a new process); {len(photos)} photos: page "
           f"{result['page_folder_s']} s, predict.py {result['predict_py_folder_s']} s; classes agree "
           f"{result['folder_classes_agree']} ({result['cpu']})")

@@ -146,3 +146,11 @@ def test_audit_bench_plants_defects_and_scores_them(tmp_path, photos):
     assert set(summary["filters"]) == {"low_self_confidence", "prune_by_noise_rate"}
     assert summary["second_audit_s"] > 0 and "counts" in summary["untouched"]
     assert summary["unknown"]["test_photos"] == 24 and summary["unknown"]["of_held_out_classes"] in (0, 12)
+
+
+def test_app_bench_answers_through_the_page_and_predict_py_alike(tmp_path, trained):
+    summary = run_bench("app.py", "--ckpt", str(trained["ckpt"]), "--repeats", "1", cwd=tmp_path)
+    images = len(list((trained["root"] / "test").glob("*.jpg")))
+    assert summary["folder_images"] == images and summary["folder_classes_agree"] == f"{images}/{images}"
+    assert summary["page_photo_s_median"] > 0 and summary["predict_py_photo_s_median"] > 0
+
