@@ -310,15 +310,20 @@ def prediction_rows(inputs: Inputs, class_names: Sequence[str], probabilities: t
     return rows
 
 
+def scored_images(inputs: Inputs, class_names: Sequence[str], errors: Sequence[str]) -> tuple[list[int], torch.Tensor]:
+    """The images that score() counts (a label among class_names, and decoded) and their class indices."""
+    index = {name: i for i, name in enumerate(class_names)}
+    keep = [n for n, label in enumerate(inputs.labels) if label in index and not errors[n]]
+    return keep, torch.tensor([index[inputs.labels[n]] for n in keep], dtype=torch.long)
+
+
 def score(inputs: Inputs, class_names: Sequence[str], probabilities: torch.Tensor, errors: Sequence[str]) -> dict:
     """Accuracy, top-5, macro accuracy, macro F1 and a per-class table over images with a known label that
     decoded: the test phase's metrics (eval_metrics) and its confusion matrix, on these images."""
-    index = {name: i for i, name in enumerate(class_names)}
-    keep = [n for n, label in enumerate(inputs.labels) if label in index and not errors[n]]
+    keep, targets = scored_images(inputs, class_names, errors)
     values: dict[str, float | None] = {"acc": None, "acc_top5": None, "acc_macro": None, "f1_macro": None}
     confusion = torch.zeros(len(class_names), len(class_names), dtype=torch.long)
     if keep:
-        targets = torch.tensor([index[inputs.labels[n]] for n in keep], dtype=torch.long)
         metrics = eval_metrics(len(class_names), prefix="")
         metrics.update(probabilities[keep], targets)
         values = {name: float(value) for name, value in metrics.compute().items()}
@@ -359,6 +364,17 @@ def open_set_scores(inputs: Inputs, decisions: Decisions, errors: Sequence[str],
         result["zero_shot"] = {"sources": decisions.sources, "seen_penalty": decisions.penalty, **zero_shot,
                                "per_class": per_class}
     return result
+
+
+def write_scores(inputs: Inputs, prediction: Prediction, class_names: Sequence[str], output: Path,
+                 summary: dict | None = None) -> dict:
+    """score() and open_set_scores() of labelled inputs, written beside `output`: metrics.json (after `summary`)
+    and per_class.csv. Returns the scores."""
+    scores = score(inputs, class_names, prediction.probabilities, prediction.errors)
+    scores.update(open_set_scores(inputs, prediction.decisions, prediction.errors, len(class_names)))
+    write_text_atomic(output.with_name("metrics.json"), json.dumps({**(summary or {}), **scores}, indent=1) + "\n")
+    write_text_atomic(output.with_name("per_class.csv"), rows_csv(scores["per_class"]))
+    return scores
 
 
 def write_predictions(rows: Sequence[dict], output: Path, fmt: str = "csv") -> list[Path]:
@@ -515,10 +531,7 @@ def predict(cfg) -> dict:
                                                            None, len(model.class_names),
                                                            model.unseen_class_names)), flush=True)
     if inputs.labelled:
-        scores = score(inputs, model.class_names, probabilities, errors)
-        scores.update(open_set_scores(inputs, decisions, errors, len(model.class_names)))
-        write_text_atomic(output.with_name("metrics.json"), json.dumps({**summary, **scores}, indent=1) + "\n")
-        write_text_atomic(output.with_name("per_class.csv"), rows_csv(scores["per_class"]))
+        scores = write_scores(inputs, result, model.class_names, output, summary)
         summary.update({k: v for k, v in scores.items() if k != "per_class"})
         print(format_scores(scores), flush=True)
     if cfg.get("gradcam"):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import html
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -21,8 +20,6 @@ from animal_lightning.prediction import format_scores
 
 log = logging.getLogger(__name__)
 
-THUMBNAILS = 60  # photos of a folder shown as thumbnails (the table lists them all)
-THUMBNAIL_SIZE = 160
 ONE_AT_A_TIME = {"concurrency_id": "model", "concurrency_limit": 1}  # all events share one slot: the model
 TABLE_COLUMNS = ("image_id", "class", "confidence", "known_score", "open_set", "source", "label", "error")
 
@@ -101,34 +98,6 @@ def card_markdown(card: dict) -> str:
     ])
 
 
-def thumbnails(answer: FolderAnswer, paths: dict[str, Path], folder: Path) -> list[tuple[str, str]]:
-    """Small JPEG copies of the first readable photos, captioned with their answer (never the originals: a
-    100-megapixel upload must not reach the browser)."""
-    from PIL import Image
-
-    from animal_lightning.data.images import to_rgb
-
-    folder.mkdir(parents=True, exist_ok=True)
-    shown = []
-    for n, row in enumerate(answer.rows):
-        if len(shown) >= THUMBNAILS:
-            break
-        if row["error"]:
-            continue
-        try:
-            with Image.open(paths[row["image_id"]]) as image:
-                image.draft("RGB", (2 * THUMBNAIL_SIZE, 2 * THUMBNAIL_SIZE))  # a JPEG decodes at a smaller scale
-                picture = to_rgb(image)
-        except Exception:  # it decoded for the model a moment ago; a file changed since is simply not shown
-            continue
-        picture.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
-        target = folder / f"{n:05d}.jpg"
-        picture.save(target, quality=85)
-        flag = " · unknown" if row.get("open_set") == "unknown" else ""
-        shown.append((str(target), f"{row['image_id']}: {row['class']} {float(row['confidence']):.0%}{flag}"))
-    return shown
-
-
 def untouched(image):
     """A gr.Image that hands over the uploaded file as it came: gr.Image would open it with PIL first, which fails
     on a file that is no image before the service can name the problem, and only warns at 100 megapixels. The
@@ -182,13 +151,9 @@ def build_page(service: DemoModel, examples: list[Path]):
             answer = service.folder(paths, on_chunk=lambda done, total: progress((done, total), unit="photos"))
         except AnimalLightningError as error:
             raise gr.Error(str(error), print_exception=False) from None
-        folder = answer.files[0].parent
-        sources = {image_id: path for image_id, path in zip(answer.image_ids, answer.paths, strict=True)}
-        gallery = thumbnails(answer, sources, folder / "thumbnails")
-        shutil.rmtree(folder / "unpacked", ignore_errors=True)  # a zip's photos: only the thumbnails stay
         columns = [c for c in TABLE_COLUMNS if any(c in row for row in answer.rows)]
         table = [[row.get(c, "") for c in columns] for row in answer.rows]
-        return (folder_summary(answer), gr.update(value=table, headers=columns), gallery,
+        return (folder_summary(answer), gr.update(value=table, headers=columns), answer.thumbnails,
                 [str(p) for p in answer.files], str(answer.confusion) if answer.confusion else None)
 
     card = service.card()

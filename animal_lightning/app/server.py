@@ -28,11 +28,10 @@ from animal_lightning.prediction import PredictOptions
 log = logging.getLogger(__name__)
 
 
-def load_service(cfg, workdir: Path) -> DemoModel:
+def load_service(cfg, workdir: Path, limits: UploadLimits) -> DemoModel:
     """The DemoModel of cfg.ckpt_path (best/last of the newest run, or a path), with predict.py's options; its
     requests write into `workdir`."""
     checkpoint = resolve_checkpoint(cfg.get("ckpt_path"), cfg.paths.log_dir)
-    limits = app_limits(cfg)
     options = PredictOptions.from_config(cfg)
     options.progress = False  # the page shows its own progress
     return DemoModel(checkpoint, options, workdir, limits)
@@ -43,7 +42,7 @@ def app_limits(cfg) -> UploadLimits:
                           max_files=int(cfg.max_files))
     for name in ("max_upload_mb", "max_unpacked_mb", "max_files"):
         if getattr(limits, name) <= 0:
-            raise DataError(f"{name}={getattr(limits, name)} must be above 0")
+            raise DataError(f"{name}={getattr(limits, name):g} must be above 0 (conf/app.yaml)")
     return limits
 
 
@@ -73,15 +72,16 @@ def copy_examples(source: Path | None, target: Path, limit: int) -> list[Path]:
     return [Path(shutil.copy2(path, target / path.name)) for path in chosen]
 
 
-def run_app(cfg, block: bool = True):
-    """Load the model, then serve the page at cfg.host:cfg.port until stopped (block=False: return the page)."""
+def run_app(cfg) -> None:
+    """Load the model, then serve the page at cfg.host:cfg.port until stopped."""
     run_dir = Path(cfg.paths.output_dir)
+    limits = app_limits(cfg)  # before anything is loaded
     uploads = Path(tempfile.mkdtemp(prefix="animal-lightning-app-"))
     atexit.register(shutil.rmtree, uploads, ignore_errors=True)
-    service = load_service(cfg, uploads / "requests")
+    service = load_service(cfg, uploads / "requests", limits)
     print(f"Checkpoint: {service.checkpoint}", flush=True)
     examples = example_photos(cfg, service, run_dir)
-    if block and threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stop from a service manager is a Ctrl-C:
         # Gradio closes the server and the temporary folder is removed on the way out
     print(f"Temporary folder: {uploads} (uploads and each request's files; removed when the server stops)",
@@ -89,14 +89,10 @@ def run_app(cfg, block: bool = True):
     from animal_lightning.app import page as pages
 
     pages.use_temporary_folder(uploads)
-    gr = pages.import_gradio()
     page = pages.build_page(service, examples)
     page.queue()  # every event is in one concurrency group of one (page.py): requests wait for the model
     if str(cfg.host) not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: anyone who can reach this machine can use the page (no login)", cfg.host)
     page.launch(server_name=str(cfg.host), server_port=int(cfg.port),
                 max_file_size=f"{int(float(cfg.max_upload_mb) * 1024)}kb",
-                show_error=True, ssr_mode=False, prevent_thread_lock=not block, quiet=False, theme=page.theme,
-                mcp_server=False, inbrowser=False)
-    del gr
-    return page
+                show_error=True, ssr_mode=False, quiet=False, theme=page.theme, mcp_server=False, inbrowser=False)

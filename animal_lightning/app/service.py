@@ -12,17 +12,18 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from animal_lightning import reports
 from animal_lightning.app.uploads import Unpacked, UploadLimits, check_size, upload_inputs
-from animal_lightning.atomic import write_text_atomic
-from animal_lightning.data.images import image_problem
+from animal_lightning.data.images import image_problem, to_rgb
 from animal_lightning.errors import DataError
 from animal_lightning.explain import CamRequest, explain_images
 from animal_lightning.models import AnimalClassifier
@@ -30,17 +31,18 @@ from animal_lightning.prediction import (
     Inputs,
     Prediction,
     PredictOptions,
-    open_set_scores,
     predict_inputs,
-    score,
+    scored_images,
     write_predictions,
+    write_scores,
 )
-from animal_lightning.reports import rows_csv
 
 log = logging.getLogger(__name__)
 
 FOLDER_CHUNK = 64  # images between two progress updates of a folder (each chunk still runs in batches)
 MATCHED_ATTRIBUTES = 8  # attributes listed with an unseen-class guess
+THUMBNAILS = 60  # photos of a folder shown as thumbnails (the table lists them all)
+THUMBNAIL_SIZE = 160
 
 
 @dataclass
@@ -79,8 +81,7 @@ class FolderAnswer:
     confusion: Path | None
     description: str
     seconds: float
-    image_ids: list[str] = field(default_factory=list)
-    paths: list[Path] = field(default_factory=list)  # the photos as the model read them (this request's copies)
+    thumbnails: list[tuple[str, str]] = field(default_factory=list)  # (small JPEG, caption) of the first photos
 
 
 class DemoModel:
@@ -96,11 +97,11 @@ class DemoModel:
         self._requests = itertools.count(1)
 
     # -- one photo ------------------------------------------------------------------------------------------
-    def photo(self, path: str | Path, name: str | None = None) -> PhotoAnswer:
+    def photo(self, path: str | Path) -> PhotoAnswer:
         """The answer for one uploaded photo; a file that is no usable photo is a DataError naming it."""
         start = time.perf_counter()
         path = Path(path)
-        name = name or path.name
+        name = path.name  # the uploaded file's own name (Gradio keeps it, in a folder of its own)
         check_size(path, name, self.limits)
         problem = image_problem(path)  # before the model: the reason in the same words predict.py's rows use
         if problem:
@@ -144,18 +145,18 @@ class DemoModel:
         order = sorted((i for i in range(len(values)) if wanted[i] and shown[i] >= 0.5), key=lambda i: -float(shown[i]))
         return [(table["predicates"][i], round(float(shown[i]), 4)) for i in order[:MATCHED_ATTRIBUTES]]
 
-    def explain(self, path: str | Path, class_name: str, name: str | None = None) -> Path:
+    def explain(self, path: str | Path, class_name: str) -> Path:
         """The Grad-CAM overlay of one photo for `class_name` (one of the seen classes), as predict.py draws it."""
         path = Path(path)
         if class_name not in self.model.class_names:
             raise DataError(f"Grad-CAM explains the classifier's classes; {class_name!r} is not one of them")
         folder = self._request_folder("gradcam")
         with self._lock:
-            rows = explain_images(self.model, [path], [name or path.name],
+            rows = explain_images(self.model, [path], [path.name],
                                   [CamRequest(0, self.model.class_names.index(class_name), "class")], folder,
                                   batch_size=1, num_workers=0, device=self._device())
         if not rows:
-            raise DataError(f"{name or path.name} could not be read for Grad-CAM")
+            raise DataError(f"{path.name} could not be read for Grad-CAM")
         return folder / rows[0]["file"]
 
     # -- a folder or a zip -------------------------------------------------------------------------------------
@@ -166,28 +167,29 @@ class DemoModel:
         folder = self._request_folder("folder")
         unpacked: Unpacked = upload_inputs(files, self.model.all_class_names, folder, self.limits)
         inputs = unpacked.inputs
-        result = self._predict(inputs, chunk=FOLDER_CHUNK, on_chunk=on_chunk)
-        for n, path in enumerate(inputs.paths):  # errors name the upload's file, not the temporary copy
-            result.rows[n]["error"] = result.errors[n].replace(str(path), inputs.image_ids[n])
-        files_written = write_predictions(result.rows, folder / "predictions.csv")
-        scores = confusion = None
-        if inputs.labelled:
-            scores = score(inputs, self.model.class_names, result.probabilities, result.errors)
-            scores.update(open_set_scores(inputs, result.decisions, result.errors, len(self.model.class_names)))
-            write_text_atomic(folder / "metrics.json", json.dumps(scores, indent=1) + "\n")
-            write_text_atomic(folder / "per_class.csv", rows_csv(scores["per_class"]))
-            files_written += [folder / "metrics.json", folder / "per_class.csv"]
-            confusion = self._confusion_plot(inputs, result, folder / "confusion_matrix.png")
+        try:
+            result = self._predict(inputs, chunk=FOLDER_CHUNK, on_chunk=on_chunk)
+            for n, path in enumerate(inputs.paths):  # errors name the upload's file, not the temporary copy
+                result.rows[n]["error"] = result.errors[n].replace(str(path), inputs.image_ids[n])
+            output = folder / "predictions.csv"
+            files_written = write_predictions(result.rows, output)
+            scores = confusion = None
+            if inputs.labelled:
+                scores = write_scores(inputs, result, self.model.class_names, output)
+                files_written += [folder / "metrics.json", folder / "per_class.csv"]
+                confusion = self._confusion_plot(inputs, result, folder / "confusion_matrix.png")
+            shown = thumbnails(inputs, result.rows, folder / "thumbnails")
+        finally:
+            shutil.rmtree(folder / "unpacked", ignore_errors=True)  # a zip's photos: only their thumbnails stay
         return FolderAnswer(result.rows, files_written, unpacked.skipped, scores, confusion, inputs.description,
-                            time.perf_counter() - start, list(inputs.image_ids), list(inputs.paths))
+                            time.perf_counter() - start, shown)
 
     def _confusion_plot(self, inputs: Inputs, result: Prediction, target: Path) -> Path | None:
-        index = {name: i for i, name in enumerate(self.model.class_names)}
-        keep = [n for n, label in enumerate(inputs.labels) if label in index and not result.errors[n]]
+        """score()'s confusion matrix as predict.py's figure; None when no image could be scored."""
+        keep, targets = scored_images(inputs, self.model.class_names, result.errors)
         if not keep:
             return None
-        targets = torch.tensor([index[inputs.labels[n]] for n in keep])
-        confusion = reports.confusion_matrix(targets, result.probabilities[keep].argmax(1), len(index))
+        confusion = reports.confusion_matrix(targets, result.probabilities[keep].argmax(1), len(self.model.class_names))
         return reports.save_figure(reports.confusion_figure(confusion, self.model.class_names), target)
 
     # -- the model page -------------------------------------------------------------------------------------
@@ -215,6 +217,30 @@ class DemoModel:
     def _device(self) -> str:
         accelerator = str(self.options.accelerator)
         return "cuda" if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
+
+
+def thumbnails(inputs: Inputs, rows: list[dict], folder: Path) -> list[tuple[str, str]]:
+    """Small JPEG copies of the first readable photos, captioned with their answer (never the originals: a
+    100-megapixel upload must not reach the browser)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shown = []
+    for n, row in enumerate(rows):
+        if len(shown) >= THUMBNAILS:
+            break
+        if row["error"]:
+            continue
+        try:
+            with Image.open(inputs.paths[n]) as image:
+                image.draft("RGB", (2 * THUMBNAIL_SIZE, 2 * THUMBNAIL_SIZE))  # a JPEG decodes at a smaller scale
+                picture = to_rgb(image)
+        except Exception:  # it decoded for the model a moment ago; a file changed since is simply not shown
+            continue
+        picture.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+        target = folder / f"{n:05d}.jpg"
+        picture.save(target, quality=85)
+        flag = " · unknown" if row.get("open_set") == "unknown" else ""
+        shown.append((str(target), f"{row['image_id']}: {row['class']} {float(row['confidence']):.0%}{flag}"))
+    return shown
 
 
 def _run_metrics(checkpoint: Path) -> dict:
