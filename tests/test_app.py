@@ -306,6 +306,26 @@ def test_a_missing_or_foreign_checkpoint_stops_app_py_with_predict_py_s_line(tmp
         assert result.stderr.strip().splitlines()[-1] == predicted.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize("override, message", [
+    ("max_upload_mb=0", "error: max_upload_mb=0 must be above 0 (conf/app.yaml)"),
+    ("examples=/no/such/folder", "error: examples=/no/such/folder is not a folder: pass a folder of photos"),
+])
+def test_bad_app_settings_stop_with_one_line(tmp_path, trained, override, message):
+    result = app_py(tmp_path, f"ckpt_path={trained['ckpt']}", "port=1", override)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(message)
+
+
+def test_gradcam_for_a_class_the_model_lacks_is_a_message(server, trained, tmp_path):
+    # the page offers only the photo's top 5; Gradio refuses any other value of the dropdown itself
+    with pytest.raises(Exception, match="zebra is not in the list of choices"):
+        server["client"].predict(handle_file(str(server["photos"][0])), "zebra", api_name="/gradcam")
+    assert_still_serving(server)
+    service = DemoModel(trained["ckpt"], PredictOptions(num_workers=0, progress=False), tmp_path, UploadLimits())
+    with pytest.raises(DataError, match="Grad-CAM explains the classifier's classes; 'zebra' is not one of them"):
+        service.explain(server["photos"][0], "zebra")
+
+
 def test_app_py_help_lists_its_settings(tmp_path):
     result = app_py(tmp_path, "--help")
     assert result.returncode == 0
