@@ -360,6 +360,13 @@ def test_unpacking_skips_links_hidden_files_and_what_is_over_the_limits(tmp_path
     assert sorted(p.name for p in (tmp_path / "request").rglob("*") if p.is_file()) == ["a.jpg", "b.jpg"]
 
 
+def test_a_zip_listing_far_more_entries_than_max_files_is_refused_before_unpacking(tmp_path):
+    bundle = zip_of(tmp_path / "many.zip", {f"{n:05d}.jpg": b"" for n in range(1003)})
+    with pytest.raises(DataError, match="many.zip lists 1003 entries, far over the limit of 1 photos"):
+        unpack_zip(bundle, tmp_path / "request", ["cat"], UploadLimits(max_files=1))
+    assert not (tmp_path / "request").exists()
+
+
 def test_uploaded_photos_keep_their_names_and_repeated_names_are_told_apart(tmp_path):
     first, second = tmp_path / "1", tmp_path / "2"
     paths = [write_image(folder / "cat.jpg") for folder in (first, second)]
